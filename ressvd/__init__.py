@@ -1,0 +1,9 @@
+"""ressvd: post-training SVD compression of LLMs into reloadable, smaller, faster checkpoints."""
+from .api import CalibrationSpec, CompressionReport, compress
+from .checkpoint import CorruptCheckpointError, save_compressed as save
+from .evaluation import perplexity
+from .models import load_model as load
+
+__version__ = "0.1.0"
+__all__ = ["CalibrationSpec", "CompressionReport", "CorruptCheckpointError", "compress", "load", "perplexity",
+           "save"]

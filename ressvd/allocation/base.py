@@ -1,0 +1,54 @@
+"""Rank allocation: how one global ratio becomes a rank per matrix (None = keep dense).
+
+Separate from truncation, so any method runs under any allocation. An allocator is one file in
+this package with a subclass decorated by @register_allocator.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+from .ranks import MatrixSpec, factorization_saves
+
+Ranks = dict[str, "int | None"]
+
+
+class Allocator:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def __init__(self, **options: Any):
+        if options:
+            raise TypeError(f"allocation {self.name!r} takes no options, got {sorted(options)}")
+
+    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int) -> Ranks:
+        raise NotImplementedError
+
+
+def finalize(matrices: list[MatrixSpec], ranks: Ranks) -> Ranks:
+    """Drop factorisations that would save nothing (r(m+n) >= mn or r < 1): keep those dense."""
+    return {m.name: (ranks.get(m.name) if factorization_saves(ranks.get(m.name), m.out_features, m.in_features)
+                     else None) for m in matrices}
+
+
+_REGISTRY: dict[str, type[Allocator]] = {}
+
+
+def register_allocator(cls: type[Allocator]) -> type[Allocator]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_allocators() -> dict[str, type[Allocator]]:
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_allocator(name: str, **options: Any) -> Allocator:
+    allocators = available_allocators()
+    if name not in allocators:
+        raise ValueError(f"unknown allocation {name!r}; available: {', '.join(allocators)}")
+    return allocators[name](**options)

@@ -1,0 +1,53 @@
+"""The on-disk layout of a compressed checkpoint.
+
+A directory that `save_pretrained` wrote (config.json + safetensors + tokenizer files), whose
+config.json carries a `ressvd` block: the format version, how it was made, and the rank of every
+factorised linear. The factors are stored as `<linear>.A.weight` (m x r) and `<linear>.B.weight`
+(r x n) in the model's own dtype.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "ressvd"
+REPORT_FILE = "ressvd_report.json"
+
+
+class CorruptCheckpointError(ValueError):
+    pass
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except FileNotFoundError as err:
+        raise CorruptCheckpointError(f"{path}: no config.json") from err
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"{config_file} is not valid JSON: {err}") from err
+
+
+def is_compressed_checkpoint(path: str | Path) -> bool:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return False
+    try:
+        return CONFIG_KEY in json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def validate_record(record, path) -> dict[str, int]:
+    """Check the `ressvd` block and return its ranks; raise CorruptCheckpointError otherwise."""
+    if not isinstance(record, dict):
+        raise CorruptCheckpointError(f"{path}: config.json '{CONFIG_KEY}' block is not a mapping")
+    version = record.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: checkpoint format version {version!r}, this ressvd reads version {FORMAT_VERSION}")
+    ranks = record.get("ranks")
+    if not isinstance(ranks, dict) or not all(isinstance(r, int) and r >= 1 for r in ranks.values()):
+        raise CorruptCheckpointError(f"{path}: config.json '{CONFIG_KEY}.ranks' must map module names to ranks >= 1")
+    return ranks

@@ -1,0 +1,56 @@
+"""Write a compressed checkpoint atomically: build it under a temporary name, verify it, then
+rename. An existing checkpoint at the destination is only replaced by a complete, verified one."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .format import CONFIG_KEY, REPORT_FILE, CorruptCheckpointError, is_compressed_checkpoint
+
+
+def _verify(directory: Path, model) -> None:
+    """Every tensor the model holds is on disk with its shape (tied copies may be stored once)."""
+    stored: dict[str, tuple] = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                stored[key] = tuple(f.get_slice(key).get_shape())
+    expected = {k: (tuple(v.shape), v.data_ptr()) for k, v in model.state_dict().items()}
+    stored_ptrs = {expected[k][1] for k in stored if k in expected}
+    for key, (shape, ptr) in expected.items():
+        if key in stored:
+            if stored[key] != shape:
+                raise CorruptCheckpointError(f"saved {key} has shape {stored[key]}, model has {shape}")
+        elif ptr not in stored_ptrs:
+            raise CorruptCheckpointError(f"saved checkpoint lacks {key}")
+
+
+def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    if getattr(model.config, CONFIG_KEY, None) is None:
+        raise ValueError("model carries no ressvd record: compress it with ressvd.compress first")
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_compressed_checkpoint(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a ressvd checkpoint; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        _verify(tmp, model)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

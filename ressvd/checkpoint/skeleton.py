@@ -1,0 +1,38 @@
+"""Rebuild the low-rank module structure of a compressed model from its recorded ranks."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..modules.lowrank import LowRankLinear
+from ..modules.replace import replace_submodule
+from .format import CorruptCheckpointError
+
+
+def apply_lowrank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
+    for name, rank in ranks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as err:
+            raise CorruptCheckpointError(f"ranks name a module {name!r} that this model does not have") from err
+        if not isinstance(linear, nn.Linear):
+            raise CorruptCheckpointError(f"ranks name {name!r}, which is a {type(linear).__name__}, not a Linear")
+        replace_submodule(model, name, LowRankLinear(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+            dtype=linear.weight.dtype, device=linear.weight.device))
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def lowrank_model_class(base: type) -> type:
+    """A subclass of the architecture's own *ForCausalLM whose __init__ swaps in the low-rank
+    modules named in `config.ressvd`, so that transformers' own from_pretrained (meta-device init,
+    tied weights, dtype, device_map) loads the factors."""
+    if base not in _CLASS_CACHE:
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            from .format import validate_record
+            apply_lowrank_skeleton(self, validate_record(getattr(config, "ressvd", None), "config"))
+
+        _CLASS_CACHE[base] = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    return _CLASS_CACHE[base]

@@ -1,0 +1,194 @@
+"""Command line: `ressvd compress | eval | run | methods`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_DATASETS = "wikitext2"
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="alias (smollm2-135m, gemma3-270m), .gguf file, HF directory or hub id")
+    p.add_argument("--method", default="svd-llm", help="truncation method (see `ressvd methods`)")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of decoder-linear parameters removed")
+    p.add_argument("--allocation", default="uniform", help="rank allocation (see `ressvd methods`)")
+    p.add_argument("--calib", default="c4", help="calibration source: c4, ptb-train, wikitext2-train or a .txt/.jsonl")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (paper setting: 256)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (paper setting: 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats", choices=["dense", "compressed"], default=None,
+                   help="statistics from the dense model or from the compressed prefix (default: the method's)")
+    p.add_argument("--sequential", action="store_true",
+                   help="within a layer, compress q/k/v, o, gate/up, down in turn (with --stats compressed)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--out", required=True, help="output directory for the compressed checkpoint")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, datasets_default: str = DEFAULT_DATASETS) -> None:
+    p.add_argument("--datasets", default=datasets_default, help="comma list of wikitext2, ptb, c4 or text files")
+    p.add_argument("--eval-seqlen", "--ppl-seqlen", dest="eval_seqlen", type=int, default=512,
+                   help="perplexity window length (paper setting: 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--eval-batch-size", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ressvd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ressvd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log numerical repairs (diagonal shifts)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model and write a checkpoint directory")
+    _add_compress_args(p)
+
+    p = sub.add_parser("eval", help="perplexity of a dense model or a compressed checkpoint")
+    p.add_argument("model", help="compressed directory or any MODEL accepted by compress")
+    _add_eval_args(p)
+    p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("run", help="compress, reload from disk, and compare with the dense model")
+    _add_compress_args(p)
+    _add_eval_args(p)
+    p.add_argument("--json", help="write the comparison to this JSON file")
+
+    sub.add_parser("methods", help="list the truncation methods and rank allocations")
+    return parser
+
+
+def _device(name: str) -> str:
+    from .device import resolve_device
+    return str(resolve_device(name))
+
+
+def _compress(args) -> tuple[object, object, dict]:
+    from . import CalibrationSpec, compress, load, save
+    from .allocation import get_allocator, validate_ratio
+    from .methods import get_method
+    validate_ratio(args.ratio)  # bad arguments fail before minutes of model loading
+    get_method(args.method), get_allocator(args.allocation)
+    model, tokenizer = load(args.model)
+    report = compress(model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation,
+                      calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed),
+                      stats=args.stats, sequential=args.sequential, device=_device(args.device),
+                      batch_size=args.batch_size)
+    start = time.perf_counter()
+    save(model, tokenizer, args.out, report.to_dict())
+    record = report.to_dict()
+    record["seconds"]["save"] = time.perf_counter() - start
+    (Path(args.out) / "ressvd_report.json").write_text(json.dumps(record, indent=2, default=str))
+    return model, tokenizer, record
+
+
+def _perplexities(model, tokenizer, args) -> dict[str, float]:
+    from .evaluation import perplexity
+    return {name: perplexity(model, tokenizer, name, args.eval_seqlen, args.max_windows, args.eval_batch_size).ppl
+            for name in args.datasets.split(",") if name}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def cmd_compress(args) -> int:
+    _, _, record = _compress(args)
+    print(f"wrote {args.out}: ratio {record['achieved_ratio']['decoder_linears']:.4f} of decoder linears "
+          f"({record['achieved_ratio']['whole_model']:.4f} of the model) in {record['seconds']['total']:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import load
+    model, tokenizer = load(args.model, device=_device(args.device))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} holds no tokenizer; cannot evaluate perplexity")
+    results = {"model": str(args.model), "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
+               "ppl": _perplexities(model, tokenizer, args)}
+    for name, ppl in results["ppl"].items():
+        print(f"{name:>12s}  PPL {ppl:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import load
+    from .inspect import total_params
+    dense, tokenizer = load(args.model)
+    dense_ppl = _perplexities(dense, tokenizer, args)
+    dense_params = total_params(dense)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent if Path(args.out).parent.exists() else None) as tmp:
+        dense.save_pretrained(tmp)  # the dense model in the same dtype, to compare bytes on disk
+        dense_bytes = dir_bytes(Path(tmp))
+    del dense
+    _, _, record = _compress(args)
+    compressed, tokenizer = load(args.out)  # evaluate what is on disk, not the in-memory copy
+    comp_ppl = _perplexities(compressed, tokenizer, args)
+    rows = [("dense", dense_ppl, dense_params, dense_bytes),
+            (f"{args.method} @ {args.ratio}", comp_ppl, total_params(compressed), dir_bytes(Path(args.out)))]
+    names = list(dense_ppl)
+    header = f"{'model':<22s}" + "".join(f"{n + ' PPL':>16s}" for n in names) + f"{'params':>14s}{'bytes on disk':>16s}"
+    print()
+    print(f"{args.model}: {args.nsamples}x{args.seqlen} {args.calib} calibration (seed {args.seed}), "
+          f"PPL over {'all' if args.max_windows is None else f'the first {args.max_windows}'} "
+          f"windows of {args.eval_seqlen} tokens")
+    print(header)
+    print("-" * len(header))
+    for label, ppl, params, size in rows:
+        print(f"{label:<22s}" + "".join(f"{ppl[n]:>16.3f}" for n in names) + f"{params:>14,d}{size:>16,d}")
+    print(f"achieved ratio: {record['achieved_ratio']['decoder_linears']:.4f} of decoder-linear weights, "
+          f"{record['achieved_ratio']['whole_model']:.4f} of all parameters; compression took "
+          f"{record['seconds']['total']:.1f} s; checkpoint in {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "dense": {"ppl": dense_ppl, "params": dense_params, "bytes": dense_bytes},
+            "compressed": {"ppl": comp_ppl, "params": rows[1][2], "bytes": rows[1][3]},
+            "report": record}, indent=2, default=str))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .allocation import available_allocators
+    from .methods import available_methods
+    print("methods:")
+    for name, cls in available_methods().items():
+        print(f"  {name:<20s} {cls.summary}")
+    print("allocations:")
+    for name, cls in available_allocators().items():
+        print(f"  {name:<20s} {cls.summary}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .checkpoint import CorruptCheckpointError
+    from .data import DatasetNotFoundError
+    from .methods import DecompositionError
+    from .models import ModelNotFoundError, UnsupportedArchitectureError
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelNotFoundError, UnsupportedArchitectureError, CorruptCheckpointError, DatasetNotFoundError,
+            DecompositionError, FileExistsError, ValueError) as err:
+        print(f"ressvd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ressvd: interrupted; nothing under --out was replaced", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

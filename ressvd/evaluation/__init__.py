@@ -1,0 +1,3 @@
+from .perplexity import NonFiniteLogitsError, PerplexityResult, perplexity
+
+__all__ = ["NonFiniteLogitsError", "PerplexityResult", "perplexity"]

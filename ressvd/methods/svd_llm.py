@@ -1,0 +1,20 @@
+"""SVD-LLM whitening (methods.md §2.4): truncate W·S with S = chol(XX^T), then fold S^-1 into B.
+
+The result is the exact minimiser of ||(W - W')X||_F at rank r, and that loss equals the root of
+the sum of the dropped squared singular values of W·S.
+"""
+import torch
+
+from .base import CompressionMethod, Factors, register_method
+from .linalg import cholesky_whitening, right_divide_lower, truncated_svd_factors
+
+
+@register_method
+class SVDLLM(CompressionMethod):
+    name = "svd-llm"
+    summary = "SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024)"
+
+    def factorize(self, weight: torch.Tensor, rank: int, stats) -> Factors:
+        whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
+        A, B_white, _ = truncated_svd_factors(weight @ whitening.S, rank)
+        return Factors(A, right_divide_lower(B_white, whitening.S), {"shift": whitening.shift})

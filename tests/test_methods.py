@@ -1,0 +1,106 @@
+"""Mathematical invariants of the truncation methods, on random matrices with correlated inputs."""
+import pytest
+import torch
+
+from ressvd.calibration.stats import GroupStats, InputStats
+from ressvd.methods import DecompositionError, available_methods, get_method
+from ressvd.methods.linalg import cholesky_whitening, truncated_svd_factors
+
+
+def stats_for(X: torch.Tensor) -> GroupStats:
+    """X: tokens x features (rows are tokens, as the hooks see them)."""
+    s = InputStats.zeros(X.shape[1], torch.float64, "cpu")
+    s.add(X)
+    return GroupStats(primary=s, dense=s)
+
+
+def correlated_inputs(tokens=600, features=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g, dtype=torch.float64) * torch.logspace(0, -2, features,
+                                                                                            dtype=torch.float64)
+    return torch.randn(tokens, features, generator=g, dtype=torch.float64) @ mix + 0.3
+
+
+def weight(m=48, n=64, seed=1):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def activation_error(W, factors, X):
+    return torch.linalg.norm((W - factors.A @ factors.B) @ X.T)
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20, 40])
+def test_svd_llm_loss_equals_dropped_singular_values_of_whitened_weight(rank):
+    X, W = correlated_inputs(), weight()
+    stats = stats_for(X)
+    factors = get_method("svd-llm").factorize(W, rank, stats)
+    S = torch.linalg.cholesky(X.T @ X)
+    sigma = torch.linalg.svdvals(W @ S)
+    expected = sigma[rank:].pow(2).sum().sqrt()
+    assert factors.info["shift"] == 0.0
+    assert activation_error(W, factors, X) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 10, 30])
+def test_plain_svd_error_is_eckart_young(rank):
+    W = weight()
+    factors = get_method("svd").factorize(W, rank, stats_for(correlated_inputs()))
+    sigma = torch.linalg.svdvals(W)
+    assert torch.linalg.norm(W - factors.A @ factors.B) == pytest.approx(float(sigma[rank:].pow(2).sum().sqrt()),
+                                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("rank", [5, 15, 30])
+def test_svd_llm_beats_plain_svd_on_activation_error(rank):
+    X, W = correlated_inputs(), weight()
+    stats = stats_for(X)
+    whitened = activation_error(W, get_method("svd-llm").factorize(W, rank, stats), X)
+    plain = activation_error(W, get_method("svd").factorize(W, rank, stats), X)
+    assert whitened < 0.95 * plain
+
+
+def test_factors_have_the_requested_shapes():
+    W = weight(48, 64)
+    for name in ("svd", "svd-llm"):
+        f = get_method(name).factorize(W, 11, stats_for(correlated_inputs()))
+        assert f.A.shape == (48, 11) and f.B.shape == (11, 64)
+
+
+def test_singular_gram_is_repaired_with_a_logged_shift():
+    # Two input coordinates are identically zero (as in Gemma-3's MLP inputs): XX^T is singular
+    # and a plain Cholesky fails, in float64 too.
+    X = correlated_inputs()
+    X[:, [3, 17]] = 0
+    W = weight()
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(X.T @ X)
+    factors = get_method("svd-llm").factorize(W, 20, stats_for(X))
+    assert factors.info["shift"] > 0
+    assert torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()
+    # The dead coordinates carry no signal, so the loss is still (near) the whitened optimum of
+    # the live coordinates, and better than plain SVD.
+    live = [i for i in range(X.shape[1]) if i not in (3, 17)]
+    S_live = torch.linalg.cholesky(X[:, live].T @ X[:, live])
+    optimum = torch.linalg.svdvals(W[:, live] @ S_live)[20:].pow(2).sum().sqrt()
+    assert activation_error(W, factors, X) == pytest.approx(float(optimum), rel=1e-4)
+
+
+def test_cholesky_whitening_of_a_pd_matrix_is_exact():
+    X = correlated_inputs()
+    H = X.T @ X
+    w = cholesky_whitening(H)
+    assert w.shift == 0.0
+    torch.testing.assert_close(w.S @ w.S.T, H)
+
+
+def test_svd_of_nonfinite_matrix_raises_instead_of_substituting():
+    M = weight()
+    M[0, 0] = float("nan")
+    with pytest.raises(DecompositionError):
+        truncated_svd_factors(M, 3)
+
+
+def test_unknown_method_names_the_available_ones():
+    with pytest.raises(ValueError, match="svd-llm"):
+        get_method("no-such-method")
+    assert {"svd", "svd-llm"} <= set(available_methods())
