@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .allocation import get_allocator, validate_ratio
-from .calibration.engine import CompressionPlan, EngineOptions, compress_layerwise
+from .calibration.engine import CompressionPlan, EngineOptions, compress_layerwise, iter_dense_statistics
 from .data.calibration import sample_calibration
 from .device import resolve_device
 from .inspect import decoder_linear_weight_params, decoder_linears, total_params
@@ -86,17 +86,24 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
         calib_record = {"source": "tensor", "nsamples": calib_ids.shape[0], "seqlen": calib_ids.shape[1]}
     sampling_seconds = time.perf_counter() - started
 
-    matrices = decoder_linears(model, adapter)
-    ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)))
-    before_linear = decoder_linear_weight_params(model, adapter)
-    before_total = total_params(model)
     if compute_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute_device)
-
     options = EngineOptions(stats=stats, sequential=sequential, batch_size=batch_size, device=compute_device,
                             progress=progress)
     was_training = model.training
     model.eval()
+    matrices = decoder_linears(model, adapter)
+    start = time.perf_counter()
+    statistics = (lambda: iter_dense_statistics(model, adapter, calib_ids, options)) \
+        if allocator.needs_statistics else None
+    ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics)
+    allocation_seconds = time.perf_counter() - start
+    before_linear = decoder_linear_weight_params(model, adapter)
+    before_total = total_params(model)
+
+    start = time.perf_counter()
+    method_obj.prepare(model, adapter, calib_ids, compute_device)
+    prepare_seconds = time.perf_counter() - start
     result = compress_layerwise(model, adapter, calib_ids, CompressionPlan(ranks), method_obj, options)
     model.train(was_training)
 
@@ -113,7 +120,8 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
         achieved_ratio={"decoder_linears": 1 - after_linear / before_linear,
                         "whole_model": 1 - after_total / before_total},
         modules=result.modules,
-        seconds={"sampling": sampling_seconds, **result.seconds, "total": time.perf_counter() - started},
+        seconds={"sampling": sampling_seconds, "allocation": allocation_seconds, "prepare": prepare_seconds,
+                 **result.seconds, "total": time.perf_counter() - started},
         peak_memory_bytes=peak, method_options=dict(method_options or {}), device=str(compute_device),
     )
     model.config.ressvd = checkpoint_record(report)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from .ranks import MatrixSpec, factorization_saves
 
@@ -17,12 +17,17 @@ Ranks = dict[str, "int | None"]
 class Allocator:
     name: ClassVar[str]
     summary: ClassVar[str]
+    # True when allocate() needs the dense model's statistics; it then receives `statistics`, a
+    # callable returning an iterator of (layer index, {module name: GroupStats}), one layer alive
+    # at a time (see calibration.engine.iter_dense_statistics).
+    needs_statistics: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         if options:
             raise TypeError(f"allocation {self.name!r} takes no options, got {sorted(options)}")
 
-    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int) -> Ranks:
+    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int,
+                 statistics: Callable[[], Iterator] | None = None) -> Ranks:
         raise NotImplementedError
 
 

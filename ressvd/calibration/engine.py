@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -101,19 +102,53 @@ class _StatsCollector:
         )
 
 
+def _capture(model, layers, calib_ids, options):
+    """Per-layer call arguments and the layer-0 inputs, moved to the compute device."""
+    device = torch.device(options.device)
+    model_device = next(model.parameters()).device
+    kwargs = capture_layer_kwargs(model, layers, calib_ids.to(model_device))
+    kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]
+    inputs = capture_first_layer_inputs(model, layers, calib_ids.to(model_device), options.batch_size)
+    return kwargs, [h.to(device) for h in inputs]
+
+
+@torch.no_grad()
+def iter_dense_statistics(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
+                          options: EngineOptions) -> Iterator[tuple[int, dict[str, GroupStats]]]:
+    """Layer by layer, the dense model's statistics of every decoder linear (the linears of one
+    input group share one GroupStats). Only one layer's statistics are alive at a time, so an
+    allocator that needs them (SVD-LLM V2) keeps what it needs and lets the rest go."""
+    layers = adapter.layers(model)
+    kwargs, hidden = _capture(model, layers, calib_ids, options)
+    groups = dict(enumerate(adapter.input_groups))
+    for index in tqdm(range(len(layers)), desc="statistics", disable=not options.progress, unit="layer"):
+        layer = layers[index]
+        original_device = next(layer.parameters()).device
+        layer.to(options.device)
+        widths = {g: layer.get_submodule(names[0]).in_features for g, names in groups.items()}
+        collector = _StatsCollector({g: names[0] for g, names in groups.items()}, ["dense"], widths,
+                                    options.gram_dtype, options.device, cross=False)
+        collector.stream = "dense"
+        handles = [collector.hook_module(layer.get_submodule(names[0]), g) for g, names in groups.items()]
+        try:
+            hidden = [run_layer(layer, h, kwargs[index]) for h in hidden]
+        finally:
+            for handle in handles:
+                handle.remove()
+        layer.to(original_device)
+        prefix = f"{adapter.layers_path}.{index}."
+        yield index, {prefix + name: collector.group_stats(g, "dense") for g, names in groups.items() for name in names}
+
+
 def compress_layerwise(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
                        plan: CompressionPlan, method: CompressionMethod, options: EngineOptions) -> EngineResult:
     result = EngineResult()
     device = torch.device(options.device)
     layers = adapter.layers(model)
     streams = _streams_needed(method, options)
-    model_device = next(model.parameters()).device
 
     start = time.perf_counter()
-    kwargs = capture_layer_kwargs(model, layers, calib_ids.to(model_device))
-    kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]
-    first_inputs = [h.to(device) for h in
-                    capture_first_layer_inputs(model, layers, calib_ids.to(model_device), options.batch_size)]
+    kwargs, first_inputs = _capture(model, layers, calib_ids, options)
     hidden = {s: first_inputs if i == 0 else [h.clone() for h in first_inputs] for i, s in enumerate(streams)}
     result.seconds["capture"] += time.perf_counter() - start
 
@@ -173,7 +208,7 @@ def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, me
                 full = prefix + name
                 linear = layer.get_submodule(name)
                 weight = linear.weight.detach().to(torch.float64)
-                factors = method.factorize(weight, plan.rank(full), stats)
+                factors = method.factorize(weight, plan.rank(full), stats, name=full)
                 bias = linear.bias.detach() if linear.bias is not None else None
                 replace_submodule(layer, name, LowRankLinear.from_factors(
                     factors.A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))

@@ -38,7 +38,11 @@ class CompressionMethod:
         if options:
             raise TypeError(f"method {self.name!r} takes no options, got {sorted(options)}")
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: GroupStats) -> Factors:
+    def prepare(self, model, adapter, calib_ids: torch.Tensor, device) -> None:
+        """Whole-model work before the layer loop (e.g. FWSVD's gradient pass). Default: none."""
+
+    def factorize(self, weight: torch.Tensor, rank: int, stats: GroupStats, name: str = "") -> Factors:
+        """weight: (m, n) float64 on the compute device; name: the full module name."""
         raise NotImplementedError
 
 

@@ -10,6 +10,6 @@ class PlainSVD(CompressionMethod):
     name = "svd"
     summary = "plain truncated SVD of W; ignores activations (baseline)"
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats) -> Factors:
+    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         A, B, _ = truncated_svd_factors(weight, rank)
         return Factors(A, B)

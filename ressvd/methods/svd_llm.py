@@ -14,7 +14,7 @@ class SVDLLM(CompressionMethod):
     name = "svd-llm"
     summary = "SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024)"
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats) -> Factors:
+    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
         A, B_white, _ = truncated_svd_factors(weight @ whitening.S, rank)
         return Factors(A, right_divide_lower(B_white, whitening.S), {"shift": whitening.shift})
