@@ -20,6 +20,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="svd-llm", help="truncation method (see `ressvd methods`)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of decoder-linear parameters removed")
     p.add_argument("--allocation", default="uniform", help="rank allocation (see `ressvd methods`)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the method, repeatable (e.g. --method-option residual=plain)")
+    p.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the allocation, repeatable (e.g. --allocation-option k=auto)")
     p.add_argument("--calib", default="c4", help="calibration source: c4, ptb-train, wikitext2-train or a .txt/.jsonl")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (paper setting: 256)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (paper setting: 2048)")
@@ -66,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """['k=12', 'residual=plain'] -> {'k': 12, 'residual': 'plain'} (values parsed as JSON when they are)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
 def _device(name: str) -> str:
     from .device import resolve_device
     return str(resolve_device(name))
@@ -76,12 +94,14 @@ def _compress(args) -> tuple[object, object, dict]:
     from .allocation import get_allocator, validate_ratio
     from .methods import get_method
     validate_ratio(args.ratio)  # bad arguments fail before minutes of model loading
-    get_method(args.method), get_allocator(args.allocation)
+    method_options, allocation_options = parse_options(args.method_option), parse_options(args.allocation_option)
+    get_method(args.method, **method_options), get_allocator(args.allocation, **allocation_options)
     model, tokenizer = load(args.model)
     report = compress(model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation,
                       calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed),
                       stats=args.stats, sequential=args.sequential, device=_device(args.device),
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, method_options=method_options,
+                      allocation_options=allocation_options)
     start = time.perf_counter()
     save(model, tokenizer, args.out, report.to_dict())
     record = report.to_dict()
