@@ -17,6 +17,7 @@ from .device import resolve_device
 from .inspect import decoder_linear_weight_params, decoder_linears, total_params
 from .methods import get_method
 from .models.registry import adapter_for
+from .search import search_partial_layers
 
 
 @dataclass
@@ -45,6 +46,8 @@ class CompressionReport:
     peak_memory_bytes: dict[str, int]
     method_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    allocation_options: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] | None = None  # partial-layer k search: chosen k and the error curve
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +59,7 @@ def _peak_rss_bytes() -> int:
 
 
 def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio: float = 0.2,
-             calibration: CalibrationSpec | torch.Tensor | None = None, allocation: str = "uniform",
+             calibration: CalibrationSpec | torch.Tensor | None = None, allocation: str | None = None,
              stats: str | None = None, sequential: bool = False, device: str | None = None,
              batch_size: int = 8, progress: bool = True, method_options: dict[str, Any] | None = None,
              allocation_options: dict[str, Any] | None = None) -> CompressionReport:
@@ -69,6 +72,7 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
     adapter = adapter_for(model.config)
     compute_device = resolve_device(device)
     method_obj = get_method(method, **(method_options or {}))
+    allocation = allocation or method_obj.default_allocation
     allocator = get_allocator(allocation, **(allocation_options or {}))
     stats = stats or method_obj.default_stats
 
@@ -93,18 +97,25 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
     was_training = model.training
     model.eval()
     matrices = decoder_linears(model, adapter)
-    start = time.perf_counter()
     statistics = (lambda: iter_dense_statistics(model, adapter, calib_ids, options)) \
         if allocator.needs_statistics else None
-    ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics)
-    allocation_seconds = time.perf_counter() - start
-    before_linear = decoder_linear_weight_params(model, adapter)
-    before_total = total_params(model)
-
     start = time.perf_counter()
     method_obj.prepare(model, adapter, calib_ids, compute_device)
     prepare_seconds = time.perf_counter() - start
-    result = compress_layerwise(model, adapter, calib_ids, CompressionPlan(ranks), method_obj, options)
+
+    search, inputs = None, None
+    start = time.perf_counter()
+    if getattr(allocator, "needs_search", False):
+        best, curve, inputs = search_partial_layers(model, adapter, calib_ids, method_obj, allocator, ratio, options,
+                                                    matrices, progress=progress)
+        allocator.k = best
+        search = {"k": best, "curve": [p.to_dict() for p in curve]}
+    search_seconds = time.perf_counter() - start
+    ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics)
+    allocation_seconds = time.perf_counter() - start - search_seconds
+    before_linear = decoder_linear_weight_params(model, adapter)
+    before_total = total_params(model)
+    result = compress_layerwise(model, adapter, calib_ids, CompressionPlan(ranks), method_obj, options, inputs=inputs)
     model.train(was_training)
 
     after_linear = decoder_linear_weight_params(model, adapter)
@@ -120,9 +131,11 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
         achieved_ratio={"decoder_linears": 1 - after_linear / before_linear,
                         "whole_model": 1 - after_total / before_total},
         modules=result.modules,
-        seconds={"sampling": sampling_seconds, "allocation": allocation_seconds, "prepare": prepare_seconds,
+        seconds={"sampling": sampling_seconds, "prepare": prepare_seconds, "search": search_seconds,
+                 "allocation": allocation_seconds,
                  **result.seconds, "total": time.perf_counter() - started},
         peak_memory_bytes=peak, method_options=dict(method_options or {}), device=str(compute_device),
+        allocation_options={**(allocation_options or {}), **({"k": search["k"]} if search else {})}, search=search,
     )
     model.config.ressvd = checkpoint_record(report)
     return report
@@ -136,6 +149,8 @@ def checkpoint_record(report: CompressionReport) -> dict[str, Any]:
         "method": report.method,
         "ratio": report.ratio,
         "allocation": report.allocation,
+        "allocation_options": report.allocation_options,
+        "method_options": report.method_options,
         "stats": report.stats,
         "calibration": report.calibration,
         "ranks": {name: rank for name, rank in report.ranks.items() if rank is not None},

@@ -1,4 +1,4 @@
-"""Command line: `ressvd compress | eval | run | methods`."""
+"""Command line: `ressvd compress | eval | run | methods | report`."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,13 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="alias (smollm2-135m, gemma3-270m), .gguf file, HF directory or hub id")
     p.add_argument("--method", default="svd-llm", help="truncation method (see `ressvd methods`)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of decoder-linear parameters removed")
-    p.add_argument("--allocation", default="uniform", help="rank allocation (see `ressvd methods`)")
+    p.add_argument("--allocation", default=None,
+                   help="rank allocation (see `ressvd methods`; default: the method's own, uniform for most)")
+    p.add_argument("--residual", choices=["same", "plain", "error-controlled"], default=None,
+                   help="ressvd: how the residual stage is fitted (same as --method-option residual=...)")
+    p.add_argument("--k", default=None,
+                   help="partial-layer: compress only the last K layers, or 'auto' to search K (implies "
+                        "--allocation partial-layer)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for the method, repeatable (e.g. --method-option residual=plain)")
     p.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
@@ -54,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model and write a checkpoint directory")
     _add_compress_args(p)
 
-    p = sub.add_parser("eval", help="perplexity of a dense model or a compressed checkpoint")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a dense model or a compressed checkpoint")
     p.add_argument("model", help="compressed directory or any MODEL accepted by compress")
     _add_eval_args(p)
     p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--json", help="write the results to this JSON file (for `ressvd report`: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tasks", help="zero-shot tasks through lm-eval, comma list or 'all' (arc_easy,arc_challenge,"
+                   "piqa,hellaswag,winogrande,openbookqa,mathqa); perplexity then only with --datasets")
+    p.add_argument("--limit", type=int, help="zero-shot: score only the first N items of each task")
+    p.add_argument("--hub-tasks", action="store_true",
+                   help="zero-shot: lm-eval's own tasks and hub data (needs network) instead of the local files")
+    p.set_defaults(datasets=None)  # None: wikitext2 unless --tasks is given
 
     p = sub.add_parser("run", help="compress, reload from disk, and compare with the dense model")
     _add_compress_args(p)
@@ -67,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the comparison to this JSON file")
 
     sub.add_parser("methods", help="list the truncation methods and rank allocations")
+
+    p = sub.add_parser("report", help="Markdown/JSON summary and plots of compress and eval run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="directories with ressvd_report.json and/or eval*.json (see ressvd.report.runs)")
+    p.add_argument("--out", default="report", help="output directory: report.md, report.json, *.png")
+    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc", help="zero-shot metric to plot")
     return parser
 
 
@@ -95,7 +113,13 @@ def _compress(args) -> tuple[object, object, dict]:
     from .methods import get_method
     validate_ratio(args.ratio)  # bad arguments fail before minutes of model loading
     method_options, allocation_options = parse_options(args.method_option), parse_options(args.allocation_option)
-    get_method(args.method, **method_options), get_allocator(args.allocation, **allocation_options)
+    if args.residual is not None:
+        method_options["residual"] = args.residual
+    if args.k is not None:
+        allocation_options["k"] = args.k if args.k == "auto" else int(args.k)
+        args.allocation = args.allocation or "partial-layer"
+    method = get_method(args.method, **method_options)
+    get_allocator(args.allocation or method.default_allocation, **allocation_options)
     model, tokenizer = load(args.model)
     report = compress(model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation,
                       calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed),
@@ -129,13 +153,27 @@ def cmd_compress(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import load
+    from .inspect import total_params
+    tasks = None
+    if args.datasets is None:
+        args.datasets = "" if args.tasks else DEFAULT_DATASETS
+    if args.tasks:
+        from .evaluation.zeroshot import check_tasks, parse_tasks
+        tasks = parse_tasks(args.tasks)
+        check_tasks(tasks, args.hub_tasks)
     model, tokenizer = load(args.model, device=_device(args.device))
     if tokenizer is None:
         raise ValueError(f"{args.model} holds no tokenizer; cannot evaluate perplexity")
-    results = {"model": str(args.model), "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
+    results = {"model": str(args.model), "model_type": getattr(model.config, "model_type", None),
+               "params": total_params(model), "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
                "ppl": _perplexities(model, tokenizer, args)}
     for name, ppl in results["ppl"].items():
         print(f"{name:>12s}  PPL {ppl:.3f}")
+    if tasks:
+        from .evaluation.zeroshot import evaluate_zeroshot, format_table
+        results["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit,
+                                                batch_size=args.eval_batch_size, hub=args.hub_tasks)
+        print(format_table(results["zeroshot"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -189,7 +227,15 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "methods": cmd_methods}
+def cmd_report(args) -> int:
+    from .report import write_report
+    for what, path in write_report(args.runs, args.out, metric=args.metric).items():
+        print(f"{what:>28s}  {path}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "methods": cmd_methods,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

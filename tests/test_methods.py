@@ -104,3 +104,80 @@ def test_unknown_method_names_the_available_ones():
     with pytest.raises(ValueError, match="svd-llm"):
         get_method("no-such-method")
     assert {"svd", "svd-llm"} <= set(available_methods())
+
+
+# --- ResSVD residual compensation -------------------------------------------------------------
+
+def test_rec_same_metric_equals_svd_llm_at_total_rank():
+    """methods.md §2.7: two truncations in one metric are one rank-(r1+r2) truncation."""
+    X, W = correlated_inputs(), weight()
+    stats = stats_for(X)
+    rec = get_method("ressvd", residual="same", beta=0.2).factorize(W, 25, stats)
+    ref = get_method("svd-llm").factorize(W, 25, stats)
+    assert rec.info["r2"] == 5 and rec.A.shape == (48, 25)  # floor(0.2 * 48*64/112)
+    torch.testing.assert_close(rec.A @ rec.B, ref.A @ ref.B, rtol=1e-6, atol=1e-9)
+
+
+def test_rec_plain_trades_activation_error_for_weight_error():
+    X, W = correlated_inputs(), weight()
+    stats = stats_for(X)
+    rec = get_method("ressvd", residual="plain", beta=0.1).factorize(W, 25, stats)
+    ref = get_method("svd-llm").factorize(W, 25, stats)
+    assert activation_error(W, rec, X) >= activation_error(W, ref, X)  # svd-llm is optimal here
+    assert torch.linalg.norm(W - rec.A @ rec.B) < torch.linalg.norm(W - ref.A @ ref.B)
+
+
+def two_stream_stats(X, X_tilde):
+    dense, comp = InputStats.zeros(X.shape[1], torch.float64, "cpu"), InputStats.zeros(X.shape[1], torch.float64, "cpu")
+    dense.add(X)
+    comp.add(X_tilde)
+    return GroupStats(primary=comp, dense=dense, compressed=comp, cross=X.T @ X_tilde)
+
+
+@pytest.mark.parametrize("rank", [8, 20, 40])
+def test_error_controlled_residual_is_the_optimal_rank_r2_correction(rank):
+    """Stage 2 minimises ||W X - (W1 + R2) X~|| over rank-r2 R2: it never loses to `same`, and no
+    random rank-r2 perturbation of its R2 does better."""
+    X, W = correlated_inputs(), weight()
+    noise = torch.randn(X.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    X_tilde = X + 0.3 * noise * X.std(0)  # what the compressed prefix feeds the layer
+    stats = two_stream_stats(X, X_tilde)
+
+    def objective(f):
+        return torch.linalg.norm(W @ X.T - (f.A @ f.B) @ X_tilde.T)
+
+    ec = get_method("ressvd", residual="error-controlled", beta=0.2).factorize(W, rank, stats)
+    same = get_method("ressvd", residual="same", beta=0.2).factorize(W, rank, stats)
+    assert objective(ec) <= objective(same) * (1 + 1e-9)
+    r1, r2 = ec.info["r1"], ec.info["r2"]
+    W1 = ec.A[:, :r1] @ ec.B[:r1]
+    R2 = ec.A[:, r1:] @ ec.B[r1:]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        U = torch.randn(W.shape[0], r2, generator=g, dtype=torch.float64)
+        V = torch.randn(r2, W.shape[1], generator=g, dtype=torch.float64)
+        perturbed = R2 + 1e-3 * (U @ V) / torch.linalg.norm(U @ V) * torch.linalg.norm(R2)
+        # project back to rank r2 so the competitor is feasible
+        Uq, Sq, Vq = torch.linalg.svd(perturbed)
+        feasible = (Uq[:, :r2] * Sq[:r2]) @ Vq[:r2]
+        assert torch.linalg.norm(W @ X.T - (W1 + feasible) @ X_tilde.T) >= objective(ec) * (1 - 1e-9)
+
+
+def test_error_controlled_with_identical_streams_equals_same():
+    X, W = correlated_inputs(), weight()
+    stats = two_stream_stats(X, X)
+    ec = get_method("ressvd", residual="error-controlled").factorize(W, 30, stats)
+    same = get_method("ressvd", residual="same").factorize(W, 30, stats)
+    torch.testing.assert_close(ec.A @ ec.B, same.A @ same.B, rtol=1e-6, atol=1e-8)
+
+
+def test_residual_rank_follows_beta_and_leaves_stage_one_a_rank():
+    from ressvd.methods.ressvd import residual_rank
+    assert residual_rank(4096, 4096, 1638, 0.05) == 102  # methods.md §2.6 table
+    assert residual_rank(4096, 11008, 2388, 0.05) == 149
+    assert residual_rank(48, 64, 1, 0.05) == 0
+
+
+def test_ressvd_rejects_unknown_residual_mode():
+    with pytest.raises(ValueError, match="residual"):
+        get_method("ressvd", residual="magic")

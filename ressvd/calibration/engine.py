@@ -62,6 +62,7 @@ class EngineResult:
     modules: dict[str, dict] = field(default_factory=dict)  # per compressed linear: rank, shift, ...
     seconds: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "statistics": 0.0,
                                                                "factorize": 0.0, "propagate": 0.0})
+    final_hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)  # after the last layer
 
 
 def _streams_needed(method: CompressionMethod, options: EngineOptions) -> list[str]:
@@ -121,6 +122,7 @@ def iter_dense_statistics(model: nn.Module, adapter: ArchitectureAdapter, calib_
     layers = adapter.layers(model)
     kwargs, hidden = _capture(model, layers, calib_ids, options)
     groups = dict(enumerate(adapter.input_groups))
+
     for index in tqdm(range(len(layers)), desc="statistics", disable=not options.progress, unit="layer"):
         layer = layers[index]
         original_device = next(layer.parameters()).device
@@ -140,26 +142,64 @@ def iter_dense_statistics(model: nn.Module, adapter: ArchitectureAdapter, calib_
         yield index, {prefix + name: collector.group_stats(g, "dense") for g, names in groups.items() for name in names}
 
 
+@dataclass
+class LayerInputs:
+    """What running a stretch of decoder layers needs: each layer's call arguments and the
+    hidden states entering the first layer of the stretch, one tensor per calibration batch."""
+
+    kwargs: list[dict]  # per layer of the whole model
+    hidden: list[torch.Tensor]
+    start: int = 0  # index of the layer `hidden` enters
+
+
+def capture_inputs(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
+                   options: EngineOptions) -> LayerInputs:
+    kwargs, hidden = _capture(model, adapter.layers(model), calib_ids, options)
+    return LayerInputs(kwargs, hidden)
+
+
+@torch.no_grad()
+def propagate_dense(layers: nn.ModuleList, inputs: LayerInputs, stop: int, options: EngineOptions) -> LayerInputs:
+    """Run the (dense) layers inputs.start .. stop-1 and return the inputs of layer `stop`."""
+    hidden = inputs.hidden
+    for index in range(inputs.start, stop):
+        layer = layers[index]
+        original_device = next(layer.parameters()).device
+        layer.to(options.device)
+        hidden = [run_layer(layer, h, inputs.kwargs[index]) for h in hidden]
+        layer.to(original_device)
+    return LayerInputs(inputs.kwargs, hidden, stop)
+
+
 def compress_layerwise(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
-                       plan: CompressionPlan, method: CompressionMethod, options: EngineOptions) -> EngineResult:
+                       plan: CompressionPlan, method: CompressionMethod, options: EngineOptions,
+                       inputs: LayerInputs | None = None) -> EngineResult:
+    """Compress the layers from `inputs.start` on (all of them when `inputs` is None).
+
+    Both streams start from the same hidden states: layers before `inputs.start` are taken to be
+    dense (partial-layer compression caches them once and reuses them for every candidate k).
+    """
     result = EngineResult()
-    device = torch.device(options.device)
     layers = adapter.layers(model)
     streams = _streams_needed(method, options)
 
     start = time.perf_counter()
-    kwargs, first_inputs = _capture(model, layers, calib_ids, options)
-    hidden = {s: first_inputs if i == 0 else [h.clone() for h in first_inputs] for i, s in enumerate(streams)}
+    if inputs is None:
+        inputs = capture_inputs(model, adapter, calib_ids, options)
+    first = inputs.hidden
+    hidden = {s: first if i == 0 else [h.clone() for h in first] for i, s in enumerate(streams)}
     result.seconds["capture"] += time.perf_counter() - start
 
-    bar = tqdm(range(len(layers)), desc=f"compress ({method.name})", disable=not options.progress, unit="layer")
+    bar = tqdm(range(inputs.start, len(layers)), desc=f"compress ({method.name})", disable=not options.progress,
+               unit="layer")
     for index in bar:
         layer = layers[index]
         original_device = next(layer.parameters()).device
-        layer.to(device)
-        hidden = _compress_one_layer(index, layer, kwargs[index], hidden, streams, adapter, plan, method,
+        layer.to(options.device)
+        hidden = _compress_one_layer(index, layer, inputs.kwargs[index], hidden, streams, adapter, plan, method,
                                      options, result)
         layer.to(original_device)
+    result.final_hidden = hidden
     return result
 
 

@@ -31,8 +31,9 @@ class CompressionMethod:
     # option), or both streams "dense" and "compressed", and the cross term between them.
     streams: ClassVar[frozenset[str]] = frozenset({"primary"})
     needs_cross: ClassVar[bool] = False
-    # The statistics stream this method uses when the run does not choose one.
+    # The statistics stream and rank allocation this method uses when the run does not choose.
     default_stats: ClassVar[str] = "dense"
+    default_allocation: ClassVar[str] = "uniform"
 
     def __init__(self, **options: Any):
         if options:

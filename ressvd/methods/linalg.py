@@ -57,3 +57,77 @@ def truncated_svd_factors(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 def right_divide_lower(B: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """B S^-1 for lower-triangular S, by a triangular solve instead of an explicit inverse."""
     return torch.linalg.solve_triangular(S, B, upper=False, left=False)
+
+
+@dataclass
+class EigenWhitening:
+    """H ~ S S^T with S = U_k Λ_k^½ (n x k), from the eigendecomposition H = U Λ U^T (fp64).
+
+    Eigenvalues at or below `relative_floor`·λ_max are treated as zero: their directions are
+    dropped (k < n), and S⁺ = Λ_k^−½ U_k^T is then the pseudo-inverse. Directions without
+    activation energy do not enter ||(W − W')X||_F, so nothing is shifted or invented.
+    """
+
+    U: torch.Tensor  # (n, k) kept eigenvectors
+    root: torch.Tensor  # (k,) sqrt of the kept eigenvalues
+    dropped: int  # directions treated as null (n - k)
+    floor: float  # the absolute eigenvalue floor that was applied
+
+    @property
+    def S(self) -> torch.Tensor:
+        return self.U * self.root
+
+    def right_divide(self, B: torch.Tensor) -> torch.Tensor:
+        """B S⁺ = B Λ_k^−½ U_k^T for B with k columns."""
+        return (B / self.root) @ self.U.T
+
+
+def eigen_whitening(H: torch.Tensor, relative_floor: float = 1e-10) -> EigenWhitening:
+    """Eigen square root of a PSD Gram matrix, singular or not (SVD-LLM V2, methods.md §2.5, §1.6)."""
+    H = H.to(torch.float64)
+    if not torch.isfinite(H).all():
+        raise DecompositionError("Gram matrix has non-finite entries")
+    try:
+        lam, U = torch.linalg.eigh(H)
+    except RuntimeError as err:
+        raise DecompositionError(f"eigendecomposition failed on a {tuple(H.shape)} Gram matrix: {err}") from err
+    top = float(lam[-1])
+    if not top > 0:
+        raise DecompositionError("Gram matrix has no positive eigenvalue (all inputs are zero)")
+    floor = relative_floor * top
+    keep = lam > floor
+    dropped = int((~keep).sum())
+    if dropped:
+        log.info("Gram matrix: %d of %d eigenvalues at or below %.3g·λ_max treated as zero (pseudo-inverse)",
+                 dropped, H.shape[0], relative_floor)
+    return EigenWhitening(U[:, keep], lam[keep].sqrt(), dropped, floor)
+
+
+def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD M = U diag(sigma) Vh, raising DecompositionError instead of returning garbage."""
+    try:
+        U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    except RuntimeError as err:
+        raise DecompositionError(f"SVD failed on a {tuple(M.shape)} matrix: {err}") from err
+    if not torch.isfinite(sigma).all():
+        raise DecompositionError("SVD produced non-finite singular values")
+    return U, sigma, Vh
+
+
+def psd_right_solve(R: torch.Tensor, P: torch.Tensor, relative_floor: float = 1e-12) -> tuple[torch.Tensor, bool]:
+    """R P⁻¹ for symmetric PSD P: a Cholesky solve when P is positive definite, else R P⁺ with
+    eigenvalues at or below relative_floor·λ_max treated as zero (the minimum-norm least-squares
+    solution). Returns (solution, whether the pseudo-inverse was needed)."""
+    P = (P + P.T) / 2
+    L, info = torch.linalg.cholesky_ex(P)
+    if int(info) == 0:
+        X = torch.cholesky_solve(R.T, L).T
+        if torch.isfinite(X).all():
+            return X, False
+    lam, U = torch.linalg.eigh(P)
+    if not float(lam[-1]) > 0:
+        raise DecompositionError("least-squares system has no positive eigenvalue")
+    keep = lam > relative_floor * float(lam[-1])
+    log.info("least-squares system singular: %d of %d directions dropped (pseudo-inverse)",
+             int((~keep).sum()), P.shape[0])
+    return ((R @ U[:, keep]) / lam[keep]) @ U[:, keep].T, True

@@ -24,11 +24,14 @@ class ArchitectureAdapter:
     # order the layer computes them.
     input_groups: tuple[tuple[str, ...], ...]
 
+    final_norm_path: str = "model.norm"
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        module = model
-        for part in self.layers_path.split("."):
-            module = getattr(module, part)
-        return module
+        return model.get_submodule(self.layers_path)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last decoder layer and the LM head."""
+        return model.get_submodule(self.final_norm_path)
 
     def linear_names(self) -> list[str]:
         return [name for group in self.input_groups for name in group]

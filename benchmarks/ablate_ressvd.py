@@ -1,0 +1,83 @@
+"""ResSVD ablation: which part of the gain comes from REC, PLC and the statistics stream.
+
+Every row uses the same calibration tokens (C4, seed 0) and the same evaluation (first W windows
+of 512 tokens of WikiText-2, PTB and C4). Prints one table per model and writes JSON.
+
+    python benchmarks/ablate_ressvd.py --model smollm2-135m --ratios 0.2,0.4,0.6 --json runs/ablate-smollm2.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import ressvd
+from ressvd import CalibrationSpec
+
+# name -> compress() keyword arguments
+ROWS = {
+    "svd-llm (dense stats)": dict(method="svd-llm", stats="dense"),
+    "svd-llm (compressed stats)": dict(method="svd-llm", stats="compressed"),
+    "REC same": dict(method="ressvd", allocation="uniform", method_options={"residual": "same"}),
+    "REC plain": dict(method="ressvd", allocation="uniform", method_options={"residual": "plain"}),
+    "REC error-controlled": dict(method="ressvd", allocation="uniform",
+                                 method_options={"residual": "error-controlled"}),
+    "PLC + svd-llm (compressed stats)": dict(method="svd-llm", stats="compressed", allocation="partial-layer",
+                                             allocation_options={"k": "auto"}),
+    "PLC + svd-llm (dense stats)": dict(method="svd-llm", stats="dense", allocation="partial-layer",
+                                        allocation_options={"k": "auto"}),
+    "ResSVD (default)": dict(method="ressvd"),
+    "ResSVD plain residual": dict(method="ressvd", method_options={"residual": "plain"}),
+    "ResSVD same residual": dict(method="ressvd", method_options={"residual": "same"}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.2,0.4,0.6")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of row names")
+    parser.add_argument("--datasets", default="wikitext2,ptb,c4")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=20, help="PPL windows of 512 tokens per dataset")
+    parser.add_argument("--sequential", action="store_true", help="compress groups in turn inside each layer")
+    parser.add_argument("--json", help="write results here (appends rows to an existing file)")
+    args = parser.parse_args()
+
+    dense, tokenizer = ressvd.load(args.model)
+    calibration = CalibrationSpec("c4", args.nsamples, args.seqlen, 0)
+    datasets = args.datasets.split(",")
+    out = Path(args.json) if args.json else None
+    results = json.loads(out.read_text()) if out and out.exists() else []
+
+    def ppl(model):
+        return {d: ressvd.perplexity(model, tokenizer, d, 512, args.windows, progress=False).ppl for d in datasets}
+
+    if not any(r["row"] == "dense" and r["model"] == args.model for r in results):
+        results.append({"model": args.model, "row": "dense", "ratio": 0.0, "ppl": ppl(dense), "k": None,
+                        "seconds": 0.0})
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for row in args.rows.split(","):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            report = ressvd.compress(model, tokenizer, ratio=ratio, calibration=calibration,
+                                     sequential=args.sequential, progress=False, **ROWS[row])
+            seconds = time.perf_counter() - start
+            results.append({"model": args.model, "row": row, "ratio": ratio, "ppl": ppl(model),
+                            "k": report.search["k"] if report.search else None,
+                            "curve": report.search["curve"] if report.search else None,
+                            "achieved": report.achieved_ratio["decoder_linears"], "seconds": seconds,
+                            "sequential": args.sequential, "calibration": f"{args.nsamples}x{args.seqlen}"})
+            r = results[-1]
+            print(f"{args.model} {ratio:.1f} {row:<34s} " + " ".join(f"{d} {r['ppl'][d]:9.2f}" for d in datasets)
+                  + f"  k={r['k']}  {seconds:6.1f}s", flush=True)
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

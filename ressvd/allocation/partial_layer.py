@@ -1,0 +1,58 @@
+"""ResSVD's partial-layer compression (PLC), methods.md §2.6.
+
+Under an overall ratio R over decoder linears, the first N−k layers stay dense and the last k are
+compressed at R_l = N·R/k each (equal layer sizes keep the overall ratio). k is feasible from
+ceil(N·R/max_layer_ratio) to N; k = N is uniform compression. `k="auto"` is resolved by a search
+on calibration data (ressvd.search.partial_layers) before allocation. Inside the last k layers any
+other allocator can distribute the ratio (`inner`, default uniform).
+"""
+from __future__ import annotations
+
+import math
+
+from .base import Allocator, Ranks, finalize, get_allocator, register_allocator
+from .ranks import MatrixSpec
+
+
+@register_allocator
+class PartialLayerAllocation(Allocator):
+    name = "partial-layer"
+    summary = "ResSVD PLC: first N−k layers dense, last k at N·ratio/k (k=auto: searched on calibration data)"
+
+    def __init__(self, k: int | str = "auto", max_layer_ratio: float = 0.95, inner: str = "uniform",
+                 search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25):
+        if k != "auto" and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
+        if not 0 < max_layer_ratio < 1:
+            raise ValueError(f"max_layer_ratio must lie in (0, 1), got {max_layer_ratio}")
+        self.k, self.max_layer_ratio, self.inner_name = k, max_layer_ratio, inner
+        self.search_points, self.max_evaluations, self.holdout = search_points, max_evaluations, holdout
+        self.inner = get_allocator(inner)
+        self.needs_statistics = self.inner.needs_statistics
+
+    @property
+    def needs_search(self) -> bool:
+        return self.k == "auto"
+
+    def feasible_ks(self, num_layers: int, ratio: float) -> list[int]:
+        k_min = max(1, math.ceil(num_layers * ratio / self.max_layer_ratio - 1e-9))
+        return list(range(k_min, num_layers + 1))
+
+    def layer_ratio(self, num_layers: int, ratio: float, k: int) -> float:
+        return num_layers * ratio / k
+
+    def ranks_for_k(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, k: int,
+                    statistics=None) -> Ranks:
+        feasible = self.feasible_ks(num_layers, ratio)
+        if k not in feasible:
+            raise ValueError(f"k={k} is infeasible at ratio {ratio} with {num_layers} layers: each compressed "
+                             f"layer may lose at most {self.max_layer_ratio} of its parameters, so k must lie in "
+                             f"[{feasible[0]}, {num_layers}]")
+        suffix = [m for m in matrices if m.layer >= num_layers - k]
+        ranks = self.inner.allocate(suffix, self.layer_ratio(num_layers, ratio, k), num_layers, statistics=statistics)
+        return finalize(matrices, ranks)
+
+    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, statistics=None) -> Ranks:
+        if self.k == "auto":
+            raise RuntimeError("k='auto' must be resolved by ressvd.search.partial_layers before allocation")
+        return self.ranks_for_k(matrices, ratio, num_layers, self.k, statistics)

@@ -1,0 +1,86 @@
+"""ResSVD / ERC-SVD residual compensation (REC), methods.md §2.6–2.8.
+
+Total rank r = r1 + r2 with r2 = floor(beta·mn/(m+n)). Stage 1 is SVD-LLM's whitened truncation of
+W to rank r1 (with the run's primary statistics); stage 2 truncates the residual R = W − W1 to
+rank r2; both factor pairs are concatenated into one rank-r LowRankLinear.
+
+Stage 2 modes (`residual`):
+- "same": whiten R with the same S. Provably equal to SVD-LLM at rank r (§2.7); kept as a check.
+- "plain": truncate R without whitening (one literal reading of the paper).
+- "error-controlled": fit what the layer really gets inside the partly compressed model:
+  min over rank-r2 R2 of ||W X − (W1 + R2) X~||_F, X the dense input, X~ the compressed-prefix
+  input. Closed form (§2.8): R2 = trunc_r2(W C S~^-T − W1 S~) S~^-1, with C = X X~^T, S~ S~^T = X~ X~^T.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import CompressionMethod, Factors, register_method
+from .linalg import cholesky_whitening, right_divide_lower, truncated_svd_factors
+
+RESIDUAL_MODES = ("same", "plain", "error-controlled")
+
+
+def residual_rank(out_features: int, in_features: int, rank: int, beta: float) -> int:
+    """r2 = floor(beta·mn/(m+n)), leaving stage 1 at least rank 1."""
+    r2 = math.floor(beta * out_features * in_features / (out_features + in_features))
+    return max(0, min(r2, rank - 1))
+
+
+@register_method
+class ResSVD(CompressionMethod):
+    name = "ressvd"
+    summary = ("ResSVD/ERC-SVD residual compensation: whitened rank-r1 truncation plus a rank-r2 "
+               "residual stage (--residual same|plain|error-controlled); pair with partial-layer allocation")
+    default_stats = "compressed"
+    default_allocation = "partial-layer"
+
+    def __init__(self, residual: str = "error-controlled", beta: float = 0.05):
+        if residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must lie in [0, 1), got {beta}")
+        self.residual, self.beta = residual, float(beta)
+        if residual == "error-controlled":
+            # instance attributes override the class defaults the engine reads
+            self.streams = frozenset({"dense", "compressed"})
+            self.needs_cross = True
+
+    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
+        m, n = weight.shape
+        r2 = residual_rank(m, n, rank, self.beta)
+        r1 = rank - r2
+        white = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
+        A1, B1_white, _ = truncated_svd_factors(weight @ white.S, r1)
+        B1 = right_divide_lower(B1_white, white.S)
+        info = {"shift": white.shift, "r1": r1, "r2": r2, "residual": self.residual}
+        if r2 == 0:
+            return Factors(A1, B1, info)
+
+        if self.residual == "same":
+            residual_white = weight @ white.S - A1 @ B1_white
+            A2, B2_white, _ = truncated_svd_factors(residual_white, r2)
+            B2 = right_divide_lower(B2_white, white.S)
+        elif self.residual == "plain":
+            A2, B2, _ = truncated_svd_factors(weight - A1 @ B1, r2)
+        else:
+            target_white, comp_white = stats.cached("error-controlled", lambda: self._error_whitening(stats))
+            # W C S~^-T − W1 S~, both in the compressed-input whitened coordinates
+            M = weight @ target_white - (A1 @ B1) @ comp_white.S
+            A2, B2_white, _ = truncated_svd_factors(M, r2)
+            B2 = right_divide_lower(B2_white, comp_white.S)
+            info["shift_compressed"] = comp_white.shift
+        return Factors(torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0), info)
+
+    @staticmethod
+    def _error_whitening(stats):
+        """(C S~^-T, S~) shared by the linears of one input group."""
+        if stats.cross is None or stats.compressed is None:
+            raise RuntimeError("error-controlled residual needs dense/compressed statistics and their cross term")
+        comp = cholesky_whitening(stats.compressed.gram)
+        # C S~^-T = (S~^-1 C^T)^T, by a triangular solve
+        C = stats.cross.to(torch.float64)
+        target = torch.linalg.solve_triangular(comp.S, C.T, upper=False).T
+        return target, comp

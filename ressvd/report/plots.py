@@ -1,0 +1,186 @@
+"""matplotlib figures (Agg backend, PNG): PPL against ratio, kept ranks per layer and matrix,
+zero-shot accuracy against ratio. Each function returns the written path, or None when the runs
+hold nothing to plot."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .runs import group_labels
+
+MATRIX_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _methods(records):
+    return sorted({r["method"] for r in records if r["method"] != "dense"})
+
+
+def _series(records, group, method, value, error=None):
+    """(ratios, values, errors) of one method in one model group, by ratio; None values dropped."""
+    points = sorted((r["ratio"], value(r), (error(r) if error else None) or 0.0) for r in records
+                    if r["group"] == group and r["method"] == method and r.get("ratio") is not None
+                    and value(r) is not None)
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+
+def _dense_value(records, group, value):
+    values = [value(r) for r in records if r["group"] == group and r["method"] == "dense" and value(r) is not None]
+    return values[0] if values else None
+
+
+def _grid(plt, rows, cols, w=3.6, h=3.0):
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    return fig, axes
+
+
+def plot_ppl_vs_ratio(records: list[dict], out: Path) -> Path | None:
+    """One panel per (model, dataset): PPL (log scale) against target ratio, one line per method;
+    the dense model as a dashed line."""
+    panels = [(g, d) for g in dict.fromkeys(r["group"] for r in records)
+              for d in dict.fromkeys(k for r in records if r["group"] == g for k in r["ppl"])]
+    if not panels:
+        return None
+    plt, labels = _plt(), group_labels(records)
+    fig, axes = _grid(plt, 1, len(panels), 4.2, 3.4)
+    methods = _methods(records)
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, (group, dataset) in zip(axes[0], panels):
+        value = lambda r, d=dataset: r["ppl"].get(d)  # noqa: E731
+        dense = _dense_value(records, group, value)
+        for method in methods:
+            xs, ys, _ = _series(records, group, method, value)
+            if xs:
+                if dense is not None:
+                    xs, ys = [0.0] + xs, [dense] + ys
+                ax.plot(xs, ys, marker="o", color=colors[method], label=method)
+        if dense is not None:
+            ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("compression ratio (decoder-linear parameters removed)")
+        ax.set_ylabel(f"{dataset} perplexity")
+        ax.set_title(labels[group], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _layer_and_matrix(name: str) -> tuple[int, str] | None:
+    match = re.search(r"layers\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2).rsplit(".", 1)[-1]) if match else None
+
+
+def rank_grid(record: dict):
+    """(layers, matrices, ranks, fractions): ranks[i][j] is the kept rank of matrix j in layer i (None:
+    left dense, "" : absent); fractions[i][j] = kept rank / full rank min(out, in), 1.0 where dense,
+    NaN where unknown."""
+    import numpy as np
+    cells = {}
+    for name, rank in (record.get("ranks") or {}).items():
+        key = _layer_and_matrix(name)
+        if key is None:
+            continue
+        shape = (record.get("shapes") or {}).get(name)
+        cells[key] = (rank, 1.0 if rank is None else (rank / min(shape) if shape else np.nan))
+    layers = sorted({k[0] for k in cells})
+    present = {k[1] for k in cells}
+    matrices = [m for m in MATRIX_ORDER if m in present] + sorted(present - set(MATRIX_ORDER))
+    ranks = [["" for _ in matrices] for _ in layers]
+    fractions = np.full((len(layers), len(matrices)), np.nan)
+    for (layer, matrix), (rank, frac) in cells.items():
+        i, j = layers.index(layer), matrices.index(matrix)
+        ranks[i][j], fractions[i, j] = rank, frac
+    return layers, matrices, ranks, fractions
+
+
+def plot_rank_heatmap(record: dict, out: Path) -> Path | None:
+    """Layers down, matrices across; colour = kept rank / full rank (min(out, in)), text = kept rank.
+    Matrices the allocation left dense (rank None) are 1.0 and marked 'full'."""
+    layers, matrices, ranks, fractions = rank_grid(record)
+    if not layers:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(matrices), 1.2 + 0.28 * len(layers)))
+    image = ax.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    for i in range(len(layers)):
+        for j in range(len(matrices)):
+            frac, rank = fractions[i, j], ranks[i][j]
+            ax.text(j, i, "full" if rank is None else str(rank), ha="center", va="center", fontsize=6,
+                    color="black" if frac == frac and frac > 0.6 else "white")
+    ax.set_xticks(range(len(matrices)), matrices, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    ax.set_ylabel("decoder layer")
+    ax.set_title(f"{record['name']}: kept rank ({record['method']} @ {record.get('ratio')})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="kept rank / full rank")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_zeroshot_vs_ratio(records: list[dict], out: Path, metric: str = "acc") -> Path | None:
+    """Rows = models, columns = tasks plus their mean: accuracy (± stderr) against ratio, one line per
+    method; the dense model as a dashed line."""
+    from ..evaluation.zeroshot import mean_accuracy
+    with_zs = [r for r in records if r.get("zeroshot")]
+    if not with_zs:
+        return None
+    groups = list(dict.fromkeys(r["group"] for r in with_zs))
+    tasks = list(dict.fromkeys(t for r in with_zs for t in r["zeroshot"]["tasks"]))
+    columns = tasks + (["mean"] if len(tasks) > 1 else [])
+    plt, labels = _plt(), group_labels(records)
+    fig, axes = _grid(plt, len(groups), len(columns), 2.7, 2.5)
+    methods = _methods(with_zs)
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+
+    def getter(task, what):
+        def value(r):
+            zs = (r.get("zeroshot") or {}).get("tasks") or {}
+            if task == "mean":
+                return mean_accuracy(zs, metric) if what == "value" and zs else None
+            t = zs.get(task) or {}
+            name = metric if metric in t else "acc"  # WinoGrande: acc only
+            return t.get(name) if what == "value" else t.get(f"{name}_stderr")
+        return value
+
+    for row, group in enumerate(groups):
+        for col, task in enumerate(columns):
+            ax = axes[row][col]
+            value, stderr = getter(task, "value"), getter(task, "stderr")
+            dense = _dense_value(with_zs, group, value)
+            for method in methods:
+                xs, ys, errs = _series(with_zs, group, method, value, stderr)
+                if not xs:
+                    continue
+                if dense is not None:
+                    xs, ys, errs = [0.0] + xs, [dense] + ys, [_dense_value(with_zs, group, stderr) or 0.0] + errs
+                ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=3, capsize=2, color=colors[method],
+                            label=method)
+            if dense is not None:
+                ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+            ax.set_title(task if row == 0 else "", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{labels[group]}\n{metric}", fontsize=8)
+            if row == len(groups) - 1:
+                ax.set_xlabel("ratio", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+    handles, names = axes[0][-1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
+    limits = {r["zeroshot"].get("limit") for r in with_zs}
+    fig.suptitle(f"zero-shot {metric}" + (f" (first {', '.join(map(str, sorted(limits, key=str)))} items per task)"
+                                          if limits != {None} else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
