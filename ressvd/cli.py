@@ -41,6 +41,16 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--out", required=True, help="output directory for the compressed checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the unfinished work of an interrupted run (OUT.ressvd-work) instead of resuming it")
+    p.add_argument("--profile", default="auto", metavar="PATH",
+                   help="calibration profile: dense statistics reused across ratios and methods; 'auto' (default: "
+                        "$RESSVD_CACHE_DIR or ~/.cache/ressvd/profiles), a directory, or 'none'")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load a local safetensors model whole instead of one decoder layer at a time")
+    p.add_argument("--layout", choices=["separate", "fused"], default="separate",
+                   help="fused: one stacked B factor per q/k/v and per gate/up group (fewer matmuls; "
+                        "see docs/BENCHMARKS.md, speed)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, datasets_default: str = DEFAULT_DATASETS) -> None:
@@ -67,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file (for `ressvd report`: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tasks", help="zero-shot tasks through lm-eval, comma list or 'all' (arc_easy,arc_challenge,"
-                   "piqa,hellaswag,winogrande,openbookqa,mathqa); perplexity then only with --datasets")
+                   "piqa,hellaswag,winogrande,openbookqa,mathqa), batched by --eval-batch-size; perplexity then "
+                   "only with --datasets")
     p.add_argument("--limit", type=int, help="zero-shot: score only the first N items of each task")
     p.add_argument("--hub-tasks", action="store_true",
                    help="zero-shot: lm-eval's own tasks and hub data (needs network) instead of the local files")
@@ -108,8 +119,9 @@ def _device(name: str) -> str:
 
 
 def _compress(args) -> tuple[object, object, dict]:
-    from . import CalibrationSpec, compress, load, save
+    from . import CalibrationSpec
     from .allocation import get_allocator, validate_ratio
+    from .api import compress_checkpoint
     from .methods import get_method
     validate_ratio(args.ratio)  # bad arguments fail before minutes of model loading
     method_options, allocation_options = parse_options(args.method_option), parse_options(args.allocation_option)
@@ -120,17 +132,16 @@ def _compress(args) -> tuple[object, object, dict]:
         args.allocation = args.allocation or "partial-layer"
     method = get_method(args.method, **method_options)
     get_allocator(args.allocation or method.default_allocation, **allocation_options)
-    model, tokenizer = load(args.model)
-    report = compress(model, tokenizer, method=args.method, ratio=args.ratio, allocation=args.allocation,
-                      calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed),
-                      stats=args.stats, sequential=args.sequential, device=_device(args.device),
-                      batch_size=args.batch_size, method_options=method_options,
-                      allocation_options=allocation_options)
-    start = time.perf_counter()
-    save(model, tokenizer, args.out, report.to_dict())
-    record = report.to_dict()
-    record["seconds"]["save"] = time.perf_counter() - start
-    (Path(args.out) / "ressvd_report.json").write_text(json.dumps(record, indent=2, default=str))
+    record = compress_checkpoint(
+        args.model, args.out, method=args.method, ratio=args.ratio, allocation=args.allocation,
+        calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed), stats=args.stats,
+        sequential=args.sequential, device=_device(args.device), batch_size=args.batch_size,
+        method_options=method_options, allocation_options=allocation_options, restart=args.restart,
+        profile=None if args.profile == "none" else args.profile, stream=not args.no_stream)
+    if args.layout == "fused":
+        from .modules.fused import fuse_checkpoint
+        fuse_checkpoint(args.out)
+    model = tokenizer = None  # streamed or freed: the checkpoint is on disk
     return model, tokenizer, record
 
 
@@ -252,8 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ressvd: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ressvd: interrupted; nothing under --out was replaced", file=sys.stderr)
+        print("ressvd: interrupted; nothing under --out was replaced"
+              + ("; run the same command again to resume" if args.command in ("compress", "run") else ""),
+              file=sys.stderr)
         return 130
+    except OSError as err:  # e.g. a full disk: the work directory keeps what was finished
+        print(f"ressvd: error: {err}" + ("; nothing under --out was replaced; run the same command again to resume"
+                                         if args.command in ("compress", "run") else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

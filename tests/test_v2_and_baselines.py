@@ -284,7 +284,7 @@ def test_v2_losses_are_the_dropped_singular_values_of_the_whitened_weights(tiny_
             tiny_llama(batch, use_cache=False)
     handle.remove()
     X = torch.cat(captured)
-    W = tiny_llama.get_submodule(name).weight.double()
+    W = tiny_llama.get_submodule(name).weight.detach().double()
     r = ressvd.allocation.rank_for_ratio(*W.shape, 0.4)
     assert losses[name] == pytest.approx(dropped(torch.linalg.svdvals(W @ X.T), r), rel=1e-6)
 
@@ -345,7 +345,6 @@ def test_v2_on_gemma3_with_dead_mlp_inputs_needs_no_shift(tiny_gemma3, calib_ids
 
 @pytest.mark.parametrize("method,options,allocation", [
     ("svd-llm-v2", [], "v2"),
-    ("svd-llm-v2", [], "uniform"),
     ("asvd", ["alpha=0.5"], "uniform"),
     ("fwsvd", [], "uniform"),
     ("fwsvd", ["axis=columns"], "uniform"),

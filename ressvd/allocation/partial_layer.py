@@ -20,13 +20,17 @@ class PartialLayerAllocation(Allocator):
     summary = "ResSVD PLC: first N−k layers dense, last k at N·ratio/k (k=auto: searched on calibration data)"
 
     def __init__(self, k: int | str = "auto", max_layer_ratio: float = 0.95, inner: str = "uniform",
-                 search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25):
+                 search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25,
+                 search_samples: int = 8):
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
         if not 0 < max_layer_ratio < 1:
             raise ValueError(f"max_layer_ratio must lie in (0, 1), got {max_layer_ratio}")
         self.k, self.max_layer_ratio, self.inner_name = k, max_layer_ratio, inner
+        # The search fits each candidate on at most `search_samples` sequences and scores it on the
+        # held-out `holdout` fraction; the final compression with the chosen k uses every sequence.
         self.search_points, self.max_evaluations, self.holdout = search_points, max_evaluations, holdout
+        self.search_samples = search_samples
         self.inner = get_allocator(inner)
         self.needs_statistics = self.inner.needs_statistics
 

@@ -162,11 +162,13 @@ def allocate_v2(matrices: list[MatrixSpec], ratio: float, statistics: Callable[[
 def _weights_from_statistics_closure(statistics) -> WeightFn | None:
     """Stopgap: ressvd.api passes allocators no weights yet, but its `statistics` callable closes
     over the model. Used only when allocate() is not given `weights`."""
+    candidates = list(getattr(statistics, "args", ()))  # functools.partial
     for cell in getattr(statistics, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            candidates.append(cell.cell_contents)
         except ValueError:
             continue
+    for value in candidates:
         if isinstance(value, nn.Module):
             return lambda name, model=value: model.get_submodule(name).weight
     return None

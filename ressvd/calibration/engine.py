@@ -13,10 +13,11 @@ declares both streams (error-controlled fitting) gets both, plus their cross ter
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -26,10 +27,68 @@ from ..methods.base import CompressionMethod
 from ..models.registry import ArchitectureAdapter
 from ..modules.lowrank import LowRankLinear
 from ..modules.replace import replace_submodule
-from .capture import capture_first_layer_inputs, capture_layer_kwargs, map_tensors, run_layer
+from .capture import capture_first_layer_inputs, map_tensors, run_layer
 from .stats import GroupStats, InputStats
 
 STREAMS = ("dense", "compressed")
+
+
+class LayerStore(Protocol):
+    """Where the weights of a model built on the meta device come from (ressvd.models.streaming):
+    a layer is materialised just before the loop uses it and freed right after."""
+
+    def load_layer(self, index: int, layer: nn.Module) -> None: ...
+
+    def release_layer(self, index: int, layer: nn.Module) -> None: ...
+
+    def input_embeddings(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
+
+
+class StatsProfile(Protocol):
+    """A cache of the dense model's statistics, one InputStats per input group and layer
+    (ressvd.calibration.profile)."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def get(self, index: int) -> dict[int, InputStats] | None: ...
+
+    def put(self, index: int, stats: dict[int, InputStats]) -> None: ...
+
+
+@dataclass
+class Resumed:
+    first: int  # the first layer still to do
+    hidden: dict[str, list[torch.Tensor]] | None  # per stream, the hidden states entering `first`
+    modules: dict[str, dict]  # EngineResult.modules of the layers already done
+
+
+class LayerCheckpoint(Protocol):
+    """Persists each finished layer so an interrupted run resumes (ressvd.calibration.workdir)."""
+
+    def resume(self, layers: nn.ModuleList, need_hidden: bool, device) -> Resumed | None:
+        """Put the finished layers back into `layers` and say where to go on; None: from the start.
+        need_hidden: the run propagates activations and can only resume where they were saved."""
+
+    def layer_done(self, index: int, layer: nn.Module, hidden: dict[str, list[torch.Tensor]] | None,
+                   modules: dict[str, dict]) -> None: ...
+
+
+@dataclass
+class EngineHooks:
+    """Optional collaborators of the layer loop; none of them changes what is computed.
+
+    store: materialises layers of a meta-device model one at a time (layer streaming).
+    profile: dense statistics cached on disk. Used only for runs whose statistics are the dense
+      model's alone (stats="dense" with a single-stream method) starting from layer 0: when the
+      profile is complete no forward pass runs at all; otherwise the run fills it.
+    checkpoint: receives every finished layer (factors and the hidden states leaving it) and
+      hands back where an interrupted run stopped.
+    """
+
+    store: LayerStore | None = None
+    profile: StatsProfile | None = None
+    checkpoint: LayerCheckpoint | None = None
 
 
 @dataclass
@@ -63,9 +122,12 @@ class EngineResult:
     seconds: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "statistics": 0.0,
                                                                "factorize": 0.0, "propagate": 0.0})
     final_hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)  # after the last layer
+    first_layer: int = 0  # the layer this call started at (> 0 when resumed)
+    profile: str | None = None  # "read" (statistics from a profile, no forward pass), "written" or None
 
 
-def _streams_needed(method: CompressionMethod, options: EngineOptions) -> list[str]:
+def streams_needed(method: CompressionMethod, options: EngineOptions) -> list[str]:
+    """The activation streams a run computes, in STREAMS order."""
     wanted = {options.stats} | (set(method.streams) - {"primary"})
     return [s for s in STREAMS if s in wanted]
 
@@ -103,43 +165,137 @@ class _StatsCollector:
         )
 
 
-def _capture(model, layers, calib_ids, options):
+class _StopForward(Exception):
+    pass
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@torch.no_grad()
+def capture_kwargs(model: nn.Module, adapter: ArchitectureAdapter, sample: torch.Tensor) -> list[dict]:
+    """The keyword arguments (masks, rotary embeddings, ...) each decoder layer receives.
+
+    They depend on the sequence shape, not on the tokens or the layer weights, and may differ per
+    layer (Gemma-3 mixes sliding-window and global attention). One forward of a single sample
+    records them, with every decoder layer's forward swapped for a pass-through and the forward
+    stopped at the final norm: no layer weight is touched, so this also works when the layers
+    are still on the meta device (layer streaming).
+    """
+    layers = adapter.layers(model)
+    recorded: list[dict | None] = [None] * len(layers)
+
+    def recorder(index):
+        def hook(module, args, kwargs):
+            recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return hook
+
+    def stop(module, args):
+        raise _StopForward
+
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(adapter.final_norm(model).register_forward_pre_hook(stop))
+    try:
+        for layer in layers:
+            layer.forward = _passthrough
+        model(sample[:1], use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return recorded
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _embeddings_ready(model, hooks):
+    return hooks.store.input_embeddings(model) if hooks is not None and hooks.store is not None \
+        else contextlib.nullcontext()
+
+
+def _capture(model, adapter, calib_ids, options, hooks=None, first_inputs=True):
     """Per-layer call arguments and the layer-0 inputs, moved to the compute device."""
     device = torch.device(options.device)
-    model_device = next(model.parameters()).device
-    kwargs = capture_layer_kwargs(model, layers, calib_ids.to(model_device))
-    kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]
-    inputs = capture_first_layer_inputs(model, layers, calib_ids.to(model_device), options.batch_size)
+    layers = adapter.layers(model)
+    with _embeddings_ready(model, hooks):
+        ids = calib_ids.to(_input_device(model))
+        kwargs = capture_kwargs(model, adapter, ids)
+        kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]
+        inputs = capture_first_layer_inputs(model, layers, ids, options.batch_size) if first_inputs else []
     return kwargs, [h.to(device) for h in inputs]
+
+
+@contextlib.contextmanager
+def _layer_on_device(index, layer, options, hooks):
+    """Materialise (streaming) and move one layer to the compute device; undo both afterwards."""
+    store = hooks.store if hooks is not None else None
+    if store is not None:
+        store.load_layer(index, layer)
+    original_device = next(layer.parameters()).device
+    layer.to(options.device)
+    try:
+        yield layer
+    finally:
+        layer.to(original_device)
+        if store is not None:
+            store.release_layer(index, layer)
+
+
+def _group_widths(layer, groups: dict[int, str]) -> dict[int, int]:
+    return {g: layer.get_submodule(name).in_features for g, name in groups.items()}
 
 
 @torch.no_grad()
 def iter_dense_statistics(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
-                          options: EngineOptions) -> Iterator[tuple[int, dict[str, GroupStats]]]:
+                          options: EngineOptions, hooks: EngineHooks | None = None
+                          ) -> Iterator[tuple[int, dict[str, GroupStats]]]:
     """Layer by layer, the dense model's statistics of every decoder linear (the linears of one
     input group share one GroupStats). Only one layer's statistics are alive at a time, so an
-    allocator that needs them (SVD-LLM V2) keeps what it needs and lets the rest go."""
-    layers = adapter.layers(model)
-    kwargs, hidden = _capture(model, layers, calib_ids, options)
-    groups = dict(enumerate(adapter.input_groups))
+    allocator that needs them (SVD-LLM V2) keeps what it needs and lets the rest go.
 
-    for index in tqdm(range(len(layers)), desc="statistics", disable=not options.progress, unit="layer"):
-        layer = layers[index]
-        original_device = next(layer.parameters()).device
-        layer.to(options.device)
-        widths = {g: layer.get_submodule(names[0]).in_features for g, names in groups.items()}
-        collector = _StatsCollector({g: names[0] for g, names in groups.items()}, ["dense"], widths,
-                                    options.gram_dtype, options.device, cross=False)
-        collector.stream = "dense"
-        handles = [collector.hook_module(layer.get_submodule(names[0]), g) for g, names in groups.items()]
-        try:
-            hidden = [run_layer(layer, h, kwargs[index]) for h in hidden]
-        finally:
-            for handle in handles:
-                handle.remove()
-        layer.to(original_device)
+    With `hooks.profile` complete they come from the profile (no forward pass); otherwise they are
+    computed, and written to the profile when one is given."""
+    layers = adapter.layers(model)
+    groups = dict(enumerate(adapter.input_groups))
+    profile = hooks.profile if hooks is not None else None
+
+    def named(index, per_group: dict[int, InputStats]):
         prefix = f"{adapter.layers_path}.{index}."
-        yield index, {prefix + name: collector.group_stats(g, "dense") for g, names in groups.items() for name in names}
+        return {prefix + name: GroupStats(primary=per_group[g], dense=per_group[g])
+                for g, names in groups.items() for name in names}
+
+    if profile is not None and profile.complete:
+        for index in range(len(layers)):
+            yield index, named(index, profile.get(index))
+        return
+
+    kwargs, hidden = _capture(model, adapter, calib_ids, options, hooks)
+    for index in tqdm(range(len(layers)), desc="statistics", disable=not options.progress, unit="layer"):
+        with _layer_on_device(index, layers[index], options, hooks) as layer:
+            widths = _group_widths(layer, {g: names[0] for g, names in groups.items()})
+            collector = _StatsCollector({g: names[0] for g, names in groups.items()}, ["dense"], widths,
+                                        options.gram_dtype, options.device, cross=False)
+            collector.stream = "dense"
+            handles = [collector.hook_module(layer.get_submodule(names[0]), g) for g, names in groups.items()]
+            try:
+                hidden = [run_layer(layer, h, kwargs[index]) for h in hidden]
+            finally:
+                for handle in handles:
+                    handle.remove()
+        per_group = {g: collector.stats[(g, "dense")] for g in groups}
+        if profile is not None:
+            profile.put(index, per_group)
+        yield index, named(index, per_group)
 
 
 @dataclass
@@ -154,7 +310,7 @@ class LayerInputs:
 
 def capture_inputs(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
                    options: EngineOptions) -> LayerInputs:
-    kwargs, hidden = _capture(model, adapter.layers(model), calib_ids, options)
+    kwargs, hidden = _capture(model, adapter, calib_ids, options)
     return LayerInputs(kwargs, hidden)
 
 
@@ -173,60 +329,133 @@ def propagate_dense(layers: nn.ModuleList, inputs: LayerInputs, stop: int, optio
 
 def compress_layerwise(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
                        plan: CompressionPlan, method: CompressionMethod, options: EngineOptions,
-                       inputs: LayerInputs | None = None) -> EngineResult:
+                       inputs: LayerInputs | None = None, hooks: EngineHooks | None = None) -> EngineResult:
     """Compress the layers from `inputs.start` on (all of them when `inputs` is None).
 
     Both streams start from the same hidden states: layers before `inputs.start` are taken to be
     dense (partial-layer compression caches them once and reuses them for every candidate k).
+    `hooks` (optional) stream the layers from disk, cache the dense statistics in a profile and
+    checkpoint every finished layer; see EngineHooks.
     """
+    hooks = hooks or EngineHooks()
     result = EngineResult()
     layers = adapter.layers(model)
-    streams = _streams_needed(method, options)
+    streams = streams_needed(method, options)
+    checkpoint = hooks.checkpoint
+    # Dense-only statistics do not depend on the plan or on the compressed prefix: a profile holds them.
+    profile = hooks.profile if inputs is None and streams == ["dense"] else None
+
+    if profile is not None and profile.complete:
+        result.profile = "read"
+        resumed = checkpoint.resume(layers, False, options.device) if checkpoint is not None else None
+        first = resumed.first if resumed is not None else 0
+        if resumed is not None:
+            result.modules.update(resumed.modules)
+        result.first_layer = first
+        bar = tqdm(range(first, len(layers)), desc=f"compress ({method.name}, profile)",
+                   disable=not options.progress, unit="layer")
+        for index in bar:
+            with _layer_on_device(index, layers[index], options, hooks) as layer:
+                start = time.perf_counter()
+                per_group = {g: _stats_on(s, options.device) for g, s in profile.get(index).items()}
+                stats = {g: GroupStats(primary=s, dense=s) for g, s in per_group.items()}
+                _factorize_groups(index, layer, stats, adapter, plan, method, result)
+                result.seconds["factorize"] += time.perf_counter() - start
+                if checkpoint is not None:
+                    checkpoint.layer_done(index, layer, None, _layer_modules(result, adapter, index))
+        return result
 
     start = time.perf_counter()
-    if inputs is None:
-        inputs = capture_inputs(model, adapter, calib_ids, options)
-    first = inputs.hidden
-    hidden = {s: first if i == 0 else [h.clone() for h in first] for i, s in enumerate(streams)}
+    resumed = checkpoint.resume(layers, True, options.device) if checkpoint is not None and inputs is None else None
+    if resumed is not None:
+        first, hidden = resumed.first, resumed.hidden
+        result.modules.update(resumed.modules)
+        kwargs, _ = _capture(model, adapter, calib_ids, options, hooks, first_inputs=False)
+        inputs = LayerInputs(kwargs, [], first)
+    else:
+        if inputs is None:
+            kwargs, first_hidden = _capture(model, adapter, calib_ids, options, hooks)
+            inputs = LayerInputs(kwargs, first_hidden)
+        entering = inputs.hidden
+        hidden = {s: entering if i == 0 else [h.clone() for h in entering] for i, s in enumerate(streams)}
+    result.first_layer = inputs.start
     result.seconds["capture"] += time.perf_counter() - start
+    if profile is not None:
+        result.profile = "written"
 
     bar = tqdm(range(inputs.start, len(layers)), desc=f"compress ({method.name})", disable=not options.progress,
                unit="layer")
     for index in bar:
-        layer = layers[index]
-        original_device = next(layer.parameters()).device
-        layer.to(options.device)
-        hidden = _compress_one_layer(index, layer, inputs.kwargs[index], hidden, streams, adapter, plan, method,
-                                     options, result)
-        layer.to(original_device)
+        with _layer_on_device(index, layers[index], options, hooks) as layer:
+            dense_stats = {} if profile is not None else None
+            hidden = _compress_one_layer(index, layer, inputs.kwargs[index], hidden, streams, adapter, plan, method,
+                                         options, result, dense_stats)
+            if profile is not None:
+                profile.put(index, dense_stats)
+            if checkpoint is not None:
+                checkpoint.layer_done(index, layer, hidden, _layer_modules(result, adapter, index))
     result.final_hidden = hidden
     return result
 
 
+def _stats_on(stats: InputStats, device) -> InputStats:
+    return InputStats(stats.gram.to(device), stats.abs_sum.to(device), stats.tokens)
+
+
+def _layer_modules(result: EngineResult, adapter: ArchitectureAdapter, index: int) -> dict[str, dict]:
+    prefix = f"{adapter.layers_path}.{index}."
+    return {name: info for name, info in result.modules.items() if name.startswith(prefix)}
+
+
+def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan, method, result) -> None:
+    """Factorise every planned linear of the groups in `stats` and swap in its low-rank module."""
+    prefix = f"{adapter.layers_path}.{index}."
+    for g, group_stats in stats.items():
+        for name in adapter.input_groups[g]:
+            full = prefix + name
+            if plan.rank(full) is None:
+                continue
+            linear = layer.get_submodule(name)
+            weight = linear.weight.detach().to(torch.float64)
+            factors = method.factorize(weight, plan.rank(full), group_stats, name=full)
+            bias = linear.bias.detach() if linear.bias is not None else None
+            replace_submodule(layer, name, LowRankLinear.from_factors(
+                factors.A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))
+            result.modules[full] = {"rank": plan.rank(full), "shape": list(weight.shape), **factors.info}
+
+
 @torch.no_grad()
-def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, method, options, result):
+def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, method, options, result,
+                        dense_stats: dict | None = None):
+    """dense_stats: when a dict (dense stream alone), it receives the InputStats of every input
+    group of the layer, compressed or not, for a calibration profile."""
     prefix = f"{adapter.layers_path}.{index}."
     todo = [[name for name in group if plan.rank(prefix + name) is not None] for group in adapter.input_groups]
     active = [g for g, names in enumerate(todo) if names]
-    if not active:  # nothing to compress here: both streams go through the same dense layer
+    if dense_stats is not None:
+        assert streams == ["dense"], "a profile holds dense statistics only"
+        watched = {g: (todo[g] or adapter.input_groups[g])[0] for g in range(len(todo))}
+    else:
+        watched = {g: todo[g][0] for g in active}
+    if not watched:  # nothing to compress or record here: both streams go through the same dense layer
         start = time.perf_counter()
         out = {s: [run_layer(layer, h, kwargs) for h in hidden[s]] for s in streams}
         result.seconds["propagate"] += time.perf_counter() - start
         return out
 
     two_streams = len(streams) == 2
-    dense_layer = copy.deepcopy(layer) if two_streams else layer  # the dense stream keeps a dense copy
+    dense_layer = copy.deepcopy(layer) if two_streams and active else layer  # the dense stream keeps a dense copy
     # With the dense stream alone, statistics cannot change between groups: one pass does.
-    stages = [[g] for g in active] if options.sequential and "compressed" in streams else [active]
+    stages = [[g] for g in active] if options.sequential and "compressed" in streams else [list(watched)]
     next_hidden: dict[str, list[torch.Tensor]] = {}
 
     for stage_number, stage in enumerate(stages):
         start = time.perf_counter()
-        widths = {g: layer.get_submodule(todo[g][0]).in_features for g in stage}
-        collector = _StatsCollector({g: todo[g][0] for g in stage}, streams, widths, options.gram_dtype,
+        hooked = {g: watched[g] for g in stage}
+        collector = _StatsCollector(hooked, streams, _group_widths(layer, hooked), options.gram_dtype,
                                     options.device, cross=two_streams and method.needs_cross)
         runners = {"dense": dense_layer, "compressed": layer}
-        handles = [collector.hook_module(runners[s].get_submodule(todo[g][0]), g) for g in stage for s in streams]
+        handles = [collector.hook_module(runners[s].get_submodule(hooked[g]), g) for g in stage for s in streams]
         try:
             for batch in range(len(hidden[streams[0]])):
                 for s in streams:
@@ -242,17 +471,10 @@ def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, me
         result.seconds["statistics"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        for g in stage:
-            stats = collector.group_stats(g, options.stats)
-            for name in todo[g]:
-                full = prefix + name
-                linear = layer.get_submodule(name)
-                weight = linear.weight.detach().to(torch.float64)
-                factors = method.factorize(weight, plan.rank(full), stats, name=full)
-                bias = linear.bias.detach() if linear.bias is not None else None
-                replace_submodule(layer, name, LowRankLinear.from_factors(
-                    factors.A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))
-                result.modules[full] = {"rank": plan.rank(full), "shape": list(weight.shape), **factors.info}
+        if dense_stats is not None:
+            dense_stats.update({g: collector.stats[(g, "dense")] for g in stage})
+        _factorize_groups(index, layer, {g: collector.group_stats(g, options.stats) for g in stage if g in active},
+                          adapter, plan, method, result)
         del collector
         result.seconds["factorize"] += time.perf_counter() - start
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .format import CONFIG_KEY, CorruptCheckpointError, read_config, validate_record
-from .skeleton import lowrank_model_class
+from .remote_code import compressed_model_class
 
 
 def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None):
@@ -22,7 +22,8 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
         raise CorruptCheckpointError(f"{path}: no .safetensors weights (an interrupted save?)")
     config = AutoConfig.from_pretrained(path)
     adapter_for(config)
-    cls = lowrank_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+    # the low-rank (or fused) structure of config.ressvd, built as the checkpoint's own modeling file does
+    cls = compressed_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
     try:
         model, info = cls.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
     except CorruptCheckpointError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .format import CONFIG_KEY, REPORT_FILE, CorruptCheckpointError, is_compressed_checkpoint
+from .remote_code import write_remote_code
 
 
 def _verify(directory: Path, model) -> None:
@@ -29,7 +30,9 @@ def _verify(directory: Path, model) -> None:
             raise CorruptCheckpointError(f"saved checkpoint lacks {key}")
 
 
-def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None = None) -> Path:
+def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None = None, write_model=None) -> Path:
+    """write_model(directory): writes config.json and verified weights instead of save_pretrained
+    (layer streaming: ressvd.models.streaming.write_streamed_checkpoint)."""
     out_dir = Path(out_dir)
     if getattr(model.config, CONFIG_KEY, None) is None:
         raise ValueError("model carries no ressvd record: compress it with ressvd.compress first")
@@ -39,12 +42,14 @@ def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None =
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp) if write_model is None else write_model(tmp)
+        write_remote_code(tmp, model)  # modeling_ressvd.py + auto_map: loads with trust_remote_code=True
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-        _verify(tmp, model)
+        if write_model is None:
+            _verify(tmp, model)
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             os.replace(out_dir, old)

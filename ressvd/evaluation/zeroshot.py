@@ -67,12 +67,12 @@ def check_tasks(names: list[str], hub: bool = False) -> None:
                              "(use --hub-tasks for lm-eval's own hub tasks)")
 
 
-def load_tasks(names: list[str], hub: bool = False) -> dict[str, Any]:
+def load_tasks(names: list[str], hub: bool = False, manager=None) -> dict[str, Any]:
     """lm-eval Task objects by name: the local configs, or lm-eval's registry with hub=True."""
     check_tasks(names, hub)
     import datasets
     datasets.disable_progress_bars()  # HellaSwag's process_docs maps 10k rows each time docs are read
-    return task_manager(hub).load(list(names))["tasks"]
+    return (manager or task_manager(hub)).load(list(names))["tasks"]
 
 
 def _number(value) -> float | None:
@@ -120,14 +120,15 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str = ZEROSHOT_TASKS,
     names = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of items, got {limit}")
-    loaded = load_tasks(names, hub)
+    manager = task_manager(hub)  # passed on: without one, simple_evaluate indexes all of lm-eval's tasks
+    loaded = load_tasks(names, hub, manager)
     root_level = logging.getLogger().level
     if root_level == logging.NOTSET or root_level >= logging.WARNING:  # lm-eval is chatty at INFO
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     start = time.perf_counter()
     output = lm_eval.simple_evaluate(model=lm, tasks=[loaded[n] for n in names], num_fewshot=0, limit=limit,
-                                     log_samples=False)
+                                     log_samples=False, task_manager=manager)
     seconds = time.perf_counter() - start
     source = "hub" if hub else "local"
     return {

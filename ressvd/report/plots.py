@@ -40,6 +40,16 @@ def _grid(plt, rows, cols, w=3.6, h=3.0):
     return fig, axes
 
 
+def _plain_log_ticks(ax) -> None:
+    """Label a log axis 20, 30, 50 rather than 2×10¹; minor ticks too when it spans under ~1.5 decades."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-9) < 30 else NullFormatter())
+    ax.tick_params(axis="y", which="both", labelsize=8)
+
+
 def plot_ppl_vs_ratio(records: list[dict], out: Path) -> Path | None:
     """One panel per (model, dataset): PPL (log scale) against target ratio, one line per method;
     the dense model as a dashed line."""
@@ -63,7 +73,8 @@ def plot_ppl_vs_ratio(records: list[dict], out: Path) -> Path | None:
         if dense is not None:
             ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
         ax.set_yscale("log")
-        ax.set_xlabel("compression ratio (decoder-linear parameters removed)")
+        _plain_log_ticks(ax)
+        ax.set_xlabel("ratio (decoder-linear parameters removed)", fontsize=9)
         ax.set_ylabel(f"{dataset} perplexity")
         ax.set_title(labels[group], fontsize=9)
         ax.grid(True, which="both", alpha=0.3)

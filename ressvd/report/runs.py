@@ -89,7 +89,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
 def model_group(record: dict) -> str:
     """Runs of the same base model share a group: model_type plus the dense parameter count."""
     params = record.get("dense_params")
-    return f"{record.get('model_type') or 'model'}" + (f" ({params / 1e6:.0f}M)" if params else "")
+    return f"{record.get('model_type') or 'model'}" + (f", {params / 1e6:.0f}M params" if params else "")
 
 
 def group_labels(records: list[dict]) -> dict[str, str]:

@@ -23,6 +23,11 @@ def _acc_cell(task: dict, metric: str) -> str:
     return f"{100 * value:.1f} ± {100 * stderr:.1f}" if stderr is not None else f"{100 * value:.1f}"
 
 
+def _ppl_settings(settings: dict) -> str:
+    windows = settings.get("max_windows")
+    return (f"{'all' if windows is None else f'the first {windows}'} windows of {settings.get('seqlen', '?')} tokens")
+
+
 def markdown(records: list[dict], plots: dict[str, str] | None = None, metric: str = "acc") -> str:
     from ..evaluation.zeroshot import mean_accuracy
     records = sorted(records, key=_sort_key)
@@ -42,9 +47,9 @@ def markdown(records: list[dict], plots: dict[str, str] | None = None, metric: s
                _fmt(r.get("params"), ",d"), _fmt(r.get("seconds"), ".1f"),
                _fmt(rss / 2**30 if rss else None, ".2f")] + [_fmt(r["ppl"].get(d), ".3f") for d in datasets]
         lines.append("| " + " | ".join(row) + " |")
-    settings = {str(r.get("ppl_settings")) for r in records if r["ppl"]}
+    settings = sorted({_ppl_settings(r.get("ppl_settings") or {}) for r in records if r["ppl"]})
     if settings:
-        lines += ["", f"PPL settings (window length, windows): {'; '.join(sorted(settings))}."]
+        lines += ["", f"Perplexity over {'; '.join(settings)}."]
 
     zs_records = [r for r in records if r.get("zeroshot")]
     if zs_records:

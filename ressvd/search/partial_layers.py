@@ -6,6 +6,9 @@ reused (a later candidate propagates from the nearest cached layer below it). A 
 scored by the relative error of the final hidden states (after the model's final norm, i.e. what
 the LM head reads) on held-out calibration sequences that the compression never saw.
 
+Each candidate is fitted on a subset of the fit sequences (allocator.search_samples); the final
+compression with the chosen k uses all of them.
+
 Candidates: a coarse grid over the feasible range, then midpoints around the best one until the
 neighbours are adjacent or the evaluation budget is spent.
 """
@@ -80,6 +83,10 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
 
     fit_cache = _PrefixCache(layers, capture_inputs(model, adapter, fit_ids, options), options)
     held_cache = _PrefixCache(layers, capture_inputs(model, adapter, held_ids, options), options)
+    search_cache = fit_cache
+    if fit_ids.shape[0] > allocator.search_samples:
+        search_cache = _PrefixCache(layers, capture_inputs(model, adapter, fit_ids[: allocator.search_samples],
+                                                           options), options)
     reference = [h.clone() for h in _final_normed(model, adapter, layers, held_cache.at(num_layers), num_layers)]
     reference_energy = sum(float(r.pow(2).sum()) for r in reference)
 
@@ -93,7 +100,7 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
         backup = {i: copy.deepcopy(layers[i]) for i in range(start, num_layers)}
         try:
             plan = CompressionPlan(allocator.ranks_for_k(matrices, ratio, num_layers, k))
-            compress_layerwise(model, adapter, fit_ids, plan, method, quiet, inputs=fit_cache.at(start))
+            compress_layerwise(model, adapter, fit_ids, plan, method, quiet, inputs=search_cache.at(start))
             output = _final_normed(model, adapter, layers, held_cache.at(start), start)
         finally:
             for i, layer in backup.items():

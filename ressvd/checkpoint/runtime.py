@@ -1,0 +1,69 @@
+"""Build a compressed model's module structure from its `ressvd` record, and refuse weights that
+do not fit it. Shared by both loaders: `ressvd.load` and the modeling file that each checkpoint
+carries for `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+
+Imports only torch (and ressvd.modules, whose torch-only classes are embedded next to this code in
+that modeling file; see remote_code.py). Every problem raises `error`: a checkpoint is loaded into
+its low-rank modules or not at all, never as a dense model with random weights.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..modules.fused import fuse_group, validate_layout
+from ..modules.lowrank import LowRankLinear
+
+
+def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, format_version: int = 1) -> None:
+    """Swap in the LowRankLinear modules (and fused groups) that a `ressvd` record names."""
+    if not isinstance(record, dict):
+        raise error("config.json has no 'ressvd' mapping, so the low-rank structure is unknown "
+                    "(a dense model built from it would hold random weights)")
+    if record.get("format_version") != format_version:
+        raise error(f"checkpoint format version {record.get('format_version')!r}, "
+                    f"this code reads version {format_version}")
+    ranks = record.get("ranks")
+    if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                              for r in ranks.values()):
+        raise error("config.json 'ressvd.ranks' must map module names to ranks >= 1")
+    groups = validate_layout(record, ranks, error)
+    for name, rank in ranks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as err:
+            raise error(f"ranks name a module {name!r} that this model does not have") from err
+        if not isinstance(linear, nn.Linear):
+            raise error(f"ranks name {name!r}, which is a {type(linear).__name__}, not a Linear")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LowRankLinear(linear.in_features, linear.out_features, rank,
+                                             bias=linear.bias is not None, dtype=linear.weight.dtype,
+                                             device=linear.weight.device))
+    for names in groups:
+        try:
+            fuse_group(model, names)
+        except ValueError as err:
+            raise error(f"fused group {names}: {err}") from err
+
+
+class CompressedModelMixin:
+    """Put first in the bases of an architecture's *ForCausalLM: __init__ builds the low-rank
+    structure from `config.ressvd`, and from_pretrained raises `ressvd_error` where transformers
+    would only warn (missing, unexpected or mismatched weights, which it fills with random values)."""
+
+    ressvd_error: type[Exception] = ValueError
+    ressvd_format_version: int = 1
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        apply_record(self, getattr(config, "ressvd", None), self.ressvd_error, self.ressvd_format_version)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(map(str, value)) for key, value in info.items()
+                    if key in ("missing_keys", "unexpected_keys", "mismatched_keys") and value}
+        if problems:
+            raise cls.ressvd_error(f"weights do not match the recorded low-rank structure: {problems}")
+        return (model, info) if want_info else model
