@@ -29,9 +29,30 @@ ROWS = {
     "PLC + svd-llm (dense stats)": dict(method="svd-llm", stats="dense", allocation="partial-layer",
                                         allocation_options={"k": "auto"}),
     "ResSVD (default)": dict(method="ressvd"),
+    "ResSVD, hidden-state search": dict(method="ressvd", allocation_options={"k": "auto", "criterion": "hidden"}),
     "ResSVD plain residual": dict(method="ressvd", method_options={"residual": "plain"}),
     "ResSVD same residual": dict(method="ressvd", method_options={"residual": "same"}),
 }
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per (model, row), columns ratio x dataset PPL, then k and seconds per ratio."""
+    ratios = sorted({r["ratio"] for r in results if r["row"] != "dense"})
+    datasets = list(next(iter(results))["ppl"])
+    head = ["model", "row"] + [f"{d} @{x}" for x in ratios for d in datasets] + [f"k @{x}" for x in ratios] \
+        + [f"s @{x}" for x in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["model"], r["row"]) for r in results))
+    for model, row in keys:
+        found = {r["ratio"]: r for r in results if (r["model"], r["row"]) == (model, row)}
+        if row == "dense":
+            cells = [f"{found[0.0]['ppl'][d]:.2f}" for _ in ratios for d in datasets] + ["–"] * (2 * len(ratios))
+        else:
+            cells = [f"{found[x]['ppl'][d]:.2f}" if x in found else "" for x in ratios for d in datasets]
+            cells += [str(found[x]["k"] if found[x]["k"] is not None else "–") if x in found else "" for x in ratios]
+            cells += [f"{found[x]['seconds']:.0f}" if x in found else "" for x in ratios]
+        lines.append("| " + " | ".join([model, row] + cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -45,7 +66,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20, help="PPL windows of 512 tokens per dataset")
     parser.add_argument("--sequential", action="store_true", help="compress groups in turn inside each layer")
     parser.add_argument("--json", help="write results here (appends rows to an existing file)")
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --json")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.json).read_text())))
+        return
 
     dense, tokenizer = ressvd.load(args.model)
     calibration = CalibrationSpec("c4", args.nsamples, args.seqlen, 0)

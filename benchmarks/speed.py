@@ -335,13 +335,16 @@ def main(argv=None) -> None:
         rows, config = build_checkpoints(args, workdir)
         for row in rows:
             row["memory"] = run_probe(Path(row["path"]), args)
+        load_before = os.getloadavg()
         measure(args, rows)
+        load_after = os.getloadavg()
         dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "")).replace("torch.", "")
         rows[0]["dtype"] = dtype
         text = report(args, rows, config)
         print(text)
         print(f"\n(total {time.perf_counter() - started:.0f} s on {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs visible)")
+              f"{os.cpu_count()} CPUs visible; load average {load_before[0]:.1f} before the timed runs, "
+              f"{load_after[0]:.1f} after)")
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "table": text},
                                                   indent=2, default=str))

@@ -24,7 +24,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 +
         "Low-rank factors make weight matrices smaller; calibration data makes them accurate. " * 3)
 
 
-def write_tokenizer(path: Path, vocab: int) -> None:
+def build_tokenizer(vocab: int):
+    """A byte-level BPE trained in memory on TEXT (also the tests' tiny tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -33,7 +34,11 @@ def write_tokenizer(path: Path, vocab: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab - 4, special_tokens=["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT] * 4, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def write_tokenizer(path: Path, vocab: int) -> None:
+    build_tokenizer(vocab).save_pretrained(path)
 
 
 def write_synthetic_llama(path: str | Path, layers: int, hidden: int, intermediate: int, heads: int = 8,
@@ -113,8 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", default="", help="more compress arguments, space separated")
     parser.add_argument("--no-whole", action="store_true", help="skip the whole-model contrast run")
     parser.add_argument("--workdir", default=None, help="where to write the models (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the compress processes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
 
     settings = ["--method", args.method, "--ratio", args.ratio, "--nsamples", args.nsamples, "--seqlen", args.seqlen,
                 *args.extra.split()]
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
                 disk = write_synthetic_llama(model, layers, args.hidden, args.intermediate)
             disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
             out = tmp / f"out-{label.replace(' ', '').replace(',', '-')}"
-            code, rss, seconds = peak_rss(compress_argv(model, out, [*settings, *extra]))
+            code, rss, seconds = peak_rss(compress_argv(model, out, [*settings, *extra]), env)
             if code != 0:
                 print(f"{label}: compress failed ({code})", file=sys.stderr)
                 return 1

@@ -144,7 +144,7 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
             best, curve, inputs = search_partial_layers(model, adapter, calib_ids, method_obj, allocator, ratio,
                                                         options, matrices, progress=progress)
             allocator.k = best
-            search = {"k": best, "curve": [p.to_dict() for p in curve]}
+            search = {"k": best, "criterion": allocator.criterion, "curve": [p.to_dict() for p in curve]}
         search_seconds = time.perf_counter() - start
         ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics)
         allocation_options = {**(allocation_options or {}), **({"k": search["k"]} if search else {})}

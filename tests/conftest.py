@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+# benchmarks/ is not a package: load the streaming benchmark by path, so the tests share its
+# synthetic text and tokenizer (and test_streaming.py its model writer) instead of copies.
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_memory.py"
+_spec = importlib.util.spec_from_file_location("streaming_memory", _BENCH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 VOCAB = 320
-TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 +
-        "Low-rank factors make weight matrices smaller; calibration data makes them accurate. " * 3)
+TEXT = bench.TEXT
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -57,23 +64,33 @@ def tiny_model(request):
     return _build(tiny_gemma3_config, Gemma3ForCausalLM)
 
 
+def _calib_ids():
+    return torch.randint(0, VOCAB, (12, 32), generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture
 def calib_ids():
-    generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, VOCAB, (12, 32), generator=generator)
+    return _calib_ids()
+
+
+@pytest.fixture(scope="module")
+def compressed_models():
+    """Tiny Llama and Gemma-3, compressed once per test file (compressing is the slow part);
+    tests take copies with clone()."""
+    import ressvd
+    models = {}
+    for name, config_fn, cls in [("llama", tiny_llama_config, LlamaForCausalLM),
+                                 ("gemma3", tiny_gemma3_config, Gemma3ForCausalLM)]:
+        model = _build(config_fn, cls)
+        ressvd.compress(model, calibration=_calib_ids(), ratio=0.4, progress=False)
+        models[name] = model
+    return models
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE trained in memory: a real fast tokenizer with no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return bench.build_tokenizer(VOCAB)
 
 
 @pytest.fixture

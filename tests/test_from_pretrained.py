@@ -15,21 +15,7 @@ from ressvd.checkpoint.remote_code import MODELING_FILE, modeling_source
 from ressvd.models.registry import supported_model_types
 from ressvd.modules.fused import fuse_lowrank
 
-from .conftest import VOCAB, _build, clone, tiny_gemma3_config, tiny_llama_config
-
-
-@pytest.fixture(scope="module")
-def compressed_models():
-    """Tiny Llama and Gemma-3, compressed once per file (tests take copies)."""
-    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
-    ids = torch.randint(0, VOCAB, (12, 32), generator=torch.Generator().manual_seed(1))
-    models = {}
-    for name, config_fn, cls in [("llama", tiny_llama_config, LlamaForCausalLM),
-                                 ("gemma3", tiny_gemma3_config, Gemma3ForCausalLM)]:
-        model = _build(config_fn, cls)
-        ressvd.compress(model, calibration=ids, ratio=0.4, progress=False)
-        models[name] = model
-    return models
+from .conftest import VOCAB, clone  # compressed_models: a conftest fixture
 
 
 def remote_load(path, **kwargs):

@@ -100,3 +100,31 @@ def test_rec_same_equals_svd_llm_through_the_pipeline(tiny_llama, calib_ids):
     for name, module in a.named_modules():
         if isinstance(module, LowRankLinear):
             torch.testing.assert_close(module.weight, b.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_the_loss_criterion_is_the_models_own_next_token_loss(model_name, calib_ids, request):
+    """The search's default score, computed from the final normed hidden states through the LM
+    head, equals the loss the model's own forward gives on the same tokens."""
+    from ressvd.calibration.engine import EngineOptions, capture_inputs
+    from ressvd.search.partial_layers import _final_normed, _next_token_nll
+    model = request.getfixturevalue(model_name)
+    if model_name == "tiny_gemma3":
+        model.config.final_logit_softcapping = 30.0  # exercise the capping branch
+    adapter = adapter_for(model.config)
+    layers = adapter.layers(model)
+    inputs = capture_inputs(model, adapter, calib_ids, EngineOptions(progress=False))
+    with torch.no_grad():
+        normed = _final_normed(model, adapter, layers, inputs, 0)
+        expected = model(calib_ids, labels=calib_ids).loss
+    assert _next_token_nll(model, normed, calib_ids) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_search_criteria_are_a_switch(tiny_llama, calib_ids):
+    hidden = ressvd.compress(tiny_llama, calibration=calib_ids, ratio=0.2, method="svd-llm",
+                             allocation="partial-layer", allocation_options={"k": "auto", "criterion": "hidden"},
+                             progress=False)
+    assert hidden.search["criterion"] == "hidden"
+    assert all(0 <= p["error"] for p in hidden.search["curve"])
+    with pytest.raises(ValueError, match="criterion"):
+        get_allocator("partial-layer", criterion="ppl")

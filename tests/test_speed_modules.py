@@ -13,20 +13,7 @@ from ressvd.allocation.base import Allocator, finalize
 from ressvd.modules import LowRankLinear
 from ressvd.modules.fused import FusedLowRankGroup, FusedLowRankMember, fuse_group, fuse_lowrank, unfuse_lowrank
 
-from .conftest import VOCAB, _build, clone, tiny_gemma3_config, tiny_llama_config
-
-
-@pytest.fixture(scope="module")
-def compressed_models():
-    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
-    ids = torch.randint(0, VOCAB, (12, 32), generator=torch.Generator().manual_seed(1))
-    models = {}
-    for name, config_fn, cls in [("llama", tiny_llama_config, LlamaForCausalLM),
-                                 ("gemma3", tiny_gemma3_config, Gemma3ForCausalLM)]:
-        model = _build(config_fn, cls)
-        ressvd.compress(model, calibration=ids, ratio=0.4, progress=False)
-        models[name] = model
-    return models
+from .conftest import clone  # compressed_models: a conftest fixture
 
 
 @pytest.fixture(params=["llama", "gemma3"])

@@ -4,9 +4,7 @@ Invariants: the streamed checkpoint holds exactly the tensors the whole-model ru
 kept); sharded sources stream; runs that need the whole model fall back to loading it; the peak
 RSS of a model with 4x the layers stays within 1.3x, while its files are 4x larger.
 """
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +13,8 @@ import ressvd
 from ressvd.cli import main
 from ressvd.models.streaming import open_streaming
 
-from .conftest import _build, tiny_gemma3_config
+from .conftest import _build, bench, tiny_gemma3_config
 from .test_resume import report
-
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_memory.py"
-_spec = importlib.util.spec_from_file_location("streaming_memory", _BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 @pytest.fixture(autouse=True)
@@ -89,20 +82,31 @@ def test_runs_that_need_the_whole_model_load_it(tiny_model_dir, text_file, tmp_p
 
 
 def test_peak_rss_follows_one_layer_not_the_depth(tmp_path):
-    """Shallow (4 layers) and deep (16 layers) synthetic Llamas of one width, compressed in fresh
-    processes with the same settings (the last 2 layers factorised, so the test stays fast; every
-    layer is still loaded, run on the calibration data and written)."""
-    settings = ["--ratio", "0.1", "--allocation", "partial-layer", "--k", "2", "--nsamples", "4", "--seqlen", "32"]
+    """Synthetic Llamas of one width, 16 and 64 layers, compressed in fresh processes with the same
+    settings. Every layer is loaded, run on the calibration data and written; only the last one is
+    factorised (partial-layer, k=1) to keep the test fast. One thread per child: the SVDs are what
+    takes time, and both runs get the same setting."""
+    import os
+    import shutil
+    settings = ["--ratio", "0.014", "--allocation", "partial-layer", "--k", "1", "--nsamples", "4", "--seqlen", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
-    for label, layers in [("shallow", 4), ("deep", 16)]:
-        model = tmp_path / label
-        disk = bench.write_synthetic_llama(model, layers, hidden=768, intermediate=2048)
-        code, rss, _ = bench.peak_rss(bench.compress_argv(model, tmp_path / f"out-{label}", settings))
-        assert code == 0
-        assert json.loads((tmp_path / f"out-{label}" / "ressvd_report.json").read_text())["loading"] == "streamed"
-        results[label] = (disk, rss)
+    try:
+        for label, layers in [("shallow", 16), ("deep", 64)]:
+            model, out = tmp_path / label, tmp_path / f"out-{label}"
+            disk = bench.write_synthetic_llama(model, layers, hidden=512, intermediate=1408)
+            code, rss, _ = bench.peak_rss(bench.compress_argv(model, out, settings), env)
+            assert code == 0
+            assert report(out)["loading"] == "streamed"
+            results[label] = (disk, rss)
+            shutil.rmtree(model)
+            shutil.rmtree(out)
+    finally:
+        for path in tmp_path.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
     (shallow_disk, shallow_rss), (deep_disk, deep_rss) = results["shallow"], results["deep"]
-    assert deep_disk > 3.9 * shallow_disk
+    assert deep_disk > 3.9 * shallow_disk  # ~180 MB and ~720 MB of float32 weights
     assert deep_rss <= 1.3 * shallow_rss, results
-    # a whole-model load of the deep model alone would add its 4x larger weights to the peak
-    assert deep_rss - shallow_rss < (deep_disk - shallow_disk) / 3, results
+    # Loading the deep model whole adds its weights to the peak (measured: x1.97 the shallow run's);
+    # streamed, the extra depth costs a small fraction of the extra bytes on disk.
+    assert deep_rss - shallow_rss < 0.5 * (deep_disk - shallow_disk), results

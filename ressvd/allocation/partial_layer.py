@@ -21,7 +21,7 @@ class PartialLayerAllocation(Allocator):
 
     def __init__(self, k: int | str = "auto", max_layer_ratio: float = 0.95, inner: str = "uniform",
                  search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25,
-                 search_samples: int = 8):
+                 search_samples: int = 8, criterion: str = "loss"):
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
         if not 0 < max_layer_ratio < 1:
@@ -31,6 +31,10 @@ class PartialLayerAllocation(Allocator):
         # held-out `holdout` fraction; the final compression with the chosen k uses every sequence.
         self.search_points, self.max_evaluations, self.holdout = search_points, max_evaluations, holdout
         self.search_samples = search_samples
+        if criterion not in ("loss", "hidden"):
+            raise ValueError(f"criterion must be 'loss' (held-out next-token NLL) or 'hidden' (final hidden-state "
+                             f"error), got {criterion!r}")
+        self.criterion = criterion
         self.inner = get_allocator(inner)
         self.needs_statistics = self.inner.needs_statistics
 

@@ -14,6 +14,24 @@ from ..modules.fused import fuse_group, validate_layout
 from ..modules.lowrank import LowRankLinear
 
 
+def swap_in_lowrank(model: nn.Module, ranks: dict[str, int], error: type[Exception] = ValueError) -> None:
+    """Replace each named nn.Linear by an empty LowRankLinear of that rank (same shape, bias, dtype
+    and device). Shared by both loaders and by a resumed run (checkpoint/skeleton.py); it sets the
+    module itself because the modeling file carries a copy of this code and no other ressvd helper."""
+    for name, rank in ranks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as err:
+            raise error(f"ranks name a module {name!r} that this model does not have") from err
+        if not isinstance(linear, nn.Linear):
+            raise error(f"ranks name {name!r}, which is a {type(linear).__name__}, not a Linear")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LowRankLinear(linear.in_features, linear.out_features, rank,
+                                             bias=linear.bias is not None, dtype=linear.weight.dtype,
+                                             device=linear.weight.device))
+
+
 def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, format_version: int = 1) -> None:
     """Swap in the LowRankLinear modules (and fused groups) that a `ressvd` record names."""
     if not isinstance(record, dict):
@@ -27,18 +45,7 @@ def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, 
                                               for r in ranks.values()):
         raise error("config.json 'ressvd.ranks' must map module names to ranks >= 1")
     groups = validate_layout(record, ranks, error)
-    for name, rank in ranks.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError as err:
-            raise error(f"ranks name a module {name!r} that this model does not have") from err
-        if not isinstance(linear, nn.Linear):
-            raise error(f"ranks name {name!r}, which is a {type(linear).__name__}, not a Linear")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankLinear(linear.in_features, linear.out_features, rank,
-                                             bias=linear.bias is not None, dtype=linear.weight.dtype,
-                                             device=linear.weight.device))
+    swap_in_lowrank(model, ranks, error)
     for names in groups:
         try:
             fuse_group(model, names)

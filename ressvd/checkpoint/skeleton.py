@@ -3,22 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules.lowrank import LowRankLinear
-from ..modules.replace import replace_submodule
 from .format import CorruptCheckpointError
+from .runtime import swap_in_lowrank
 
 
 def apply_lowrank_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
-    for name, rank in ranks.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError as err:
-            raise CorruptCheckpointError(f"ranks name a module {name!r} that this model does not have") from err
-        if not isinstance(linear, nn.Linear):
-            raise CorruptCheckpointError(f"ranks name {name!r}, which is a {type(linear).__name__}, not a Linear")
-        replace_submodule(model, name, LowRankLinear(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-            dtype=linear.weight.dtype, device=linear.weight.device))
+    # The loaders' own swap, so a resumed layer gets exactly the modules a loaded checkpoint has.
+    swap_in_lowrank(model, ranks, CorruptCheckpointError)
 
 
 _CLASS_CACHE: dict[type, type] = {}

@@ -41,14 +41,19 @@ def parse_tasks(spec: str) -> list[str]:
     return names
 
 
-class _DropCustomKwargsHint(logging.Filter):
-    """lm-eval warns, once per task with a custom_dataset, that kwargs can be passed by --metadata."""
+class _DropExpectedWarnings(logging.Filter):
+    """lm-eval warnings that this module's way of calling it always triggers: a custom_dataset (kwargs
+    can be passed by --metadata), an in-memory model, num_fewshot set to 0."""
+    EXPECTED = ("Custom kwargs can be passed", "Passed an already-initialized model",
+                "`pretrained` model kwarg is not of type", "Overwriting default num_fewshot")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
 
 
-logging.getLogger("lm_eval.api.task").addFilter(_DropCustomKwargsHint())
+for _name in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator"):
+    logging.getLogger(_name).addFilter(_DropExpectedWarnings())
 
 
 def task_manager(hub: bool = False):

@@ -3,8 +3,13 @@
 Each candidate k compresses only the last k layers, so every candidate shares the dense prefix:
 the hidden states entering a candidate's first compressed layer are computed once, cached, and
 reused (a later candidate propagates from the nearest cached layer below it). A candidate is
-scored by the relative error of the final hidden states (after the model's final norm, i.e. what
-the LM head reads) on held-out calibration sequences that the compression never saw.
+scored on held-out calibration sequences that the compression never saw, by `criterion`:
+- "loss" (default): the mean next-token NLL of the model's own LM head on them;
+- "hidden": the relative squared error of the final hidden states (after the model's final norm,
+  i.e. what the LM head reads) against the dense model's.
+The default is "loss" because "hidden" misled the search on SmolLM2-135M: it scored uniform
+compression (k = N) 3x worse than k = 15, while k = 15 gave the higher PPL on all three datasets
+(docs/BENCHMARKS.md, ResSVD ablation).
 
 Each candidate is fitted on a subset of the fit sequences (allocator.search_samples); the final
 compression with the chosen k uses all of them.
@@ -29,7 +34,9 @@ from ..calibration.engine import CompressionPlan, LayerInputs, capture_inputs, c
 class SearchPoint:
     k: int
     layer_ratio: float
-    error: float  # ||h_k - h_dense||^2 / ||h_dense||^2 of the normed final hidden states, held out
+    # held out; criterion "loss": mean next-token NLL (nats); "hidden": ||h_k − h||² / ||h||² of the
+    # normed final hidden states against the dense model's
+    error: float
     seconds: float
 
     def to_dict(self):
@@ -71,6 +78,26 @@ def _final_normed(model, adapter, layers, inputs: LayerInputs, start: int) -> li
     return [norm(h.to(norm_device)).float() for h in hidden]
 
 
+@torch.no_grad()
+def _next_token_nll(model, normed: list[torch.Tensor], ids: torch.Tensor) -> float:
+    """Mean next-token NLL of the LM head on the final normed hidden states, one sequence at a time
+    (the logits of a 262k vocabulary are large)."""
+    head = model.get_output_embeddings()
+    head_device = next(head.parameters()).device
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    total, count, row = 0.0, 0, 0
+    for chunk in normed:
+        for hidden in chunk:
+            logits = head(hidden.to(head_device)).float()
+            if softcap:  # Gemma-2 style capping, as the model's own forward applies it
+                logits = torch.tanh(logits / softcap) * softcap
+            targets = ids[row, 1:].to(head_device)
+            total += float(torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum"))
+            count += targets.numel()
+            row += 1
+    return total / count
+
+
 def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, allocator, ratio: float, options,
                           matrices, progress: bool = True):
     """Returns (best k, [SearchPoint...] sorted by k, LayerInputs of all calibration sequences
@@ -87,8 +114,14 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
     if fit_ids.shape[0] > allocator.search_samples:
         search_cache = _PrefixCache(layers, capture_inputs(model, adapter, fit_ids[: allocator.search_samples],
                                                            options), options)
-    reference = [h.clone() for h in _final_normed(model, adapter, layers, held_cache.at(num_layers), num_layers)]
-    reference_energy = sum(float(r.pow(2).sum()) for r in reference)
+    if allocator.criterion == "hidden":
+        reference = [h.clone() for h in _final_normed(model, adapter, layers, held_cache.at(num_layers), num_layers)]
+        reference_energy = sum(float(r.pow(2).sum()) for r in reference)
+
+    def score(output: list[torch.Tensor]) -> float:
+        if allocator.criterion == "loss":
+            return _next_token_nll(model, output, held_ids)
+        return sum(float((o - r).pow(2).sum()) for o, r in zip(output, reference)) / reference_energy
 
     quiet = copy.copy(options)
     quiet.progress = False
@@ -102,10 +135,10 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
             plan = CompressionPlan(allocator.ranks_for_k(matrices, ratio, num_layers, k))
             compress_layerwise(model, adapter, fit_ids, plan, method, quiet, inputs=search_cache.at(start))
             output = _final_normed(model, adapter, layers, held_cache.at(start), start)
+            error = score(output)
         finally:
             for i, layer in backup.items():
                 layers[i] = layer
-        error = sum(float((o - r).pow(2).sum()) for o, r in zip(output, reference)) / reference_energy
         results[k] = SearchPoint(k, allocator.layer_ratio(num_layers, ratio, k), error,
                                  time.perf_counter() - start_time)
 
