@@ -106,3 +106,29 @@ def test_shared_sources_load():
     assert len(load_rows("c4")) == 2000
     assert len(load_rows("ptb")) == 3761
     assert len(load_rows("ptb-train")) == 42068
+
+
+def test_a_gguf_file_is_converted_once_into_a_cached_directory(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
+    """Parsing a GGUF is slow (about 40 s for SmolLM2), so it is dequantised once into a safetensors
+    directory keyed by the file's path, size and mtime; later runs read (and can stream) that."""
+    import os
+
+    from ressvd.models import loading
+    monkeypatch.setenv("RESSVD_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    conversions = []
+
+    def fake_gguf_load(source, spec, dtype=None, device=None):  # resolving converts; it loads nothing else
+        assert source.kind == "gguf" and source.location == str(gguf)
+        conversions.append(spec)
+        return tiny_llama, tiny_tokenizer
+    monkeypatch.setattr(loading, "_load_with_transformers", fake_gguf_load)
+    source = resolve_model_source(gguf)
+    assert source.kind == "dir" and source.origin == str(gguf) and len(conversions) == 1
+    assert (tmp_path / "cache" / "models").is_dir() and not list((tmp_path / "cache" / "models").glob(".*partial*"))
+    assert resolve_model_source(gguf) == source and len(conversions) == 1  # cached
+    os.utime(gguf, ns=(1, 1))  # a changed file gets a new conversion
+    assert resolve_model_source(gguf).location != source.location and len(conversions) == 2
+    monkeypatch.setenv("RESSVD_GGUF_CACHE", "0")
+    assert resolve_model_source(gguf).kind == "gguf"

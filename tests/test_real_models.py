@@ -79,3 +79,13 @@ def test_gemma3_compresses_despite_singular_gram_matrices():
     assert all(isinstance(model.get_submodule(name), LowRankLinear) for name in report.modules)
     ppl = ressvd.perplexity(model, tokenizer, "wikitext2", 256, 2, progress=False).ppl
     assert math.isfinite(ppl)
+
+
+def test_the_cached_float32_copy_is_the_dequantised_gguf(smollm2, monkeypatch):
+    cached, tokenizer = smollm2  # the alias resolves to the cached safetensors directory
+    monkeypatch.setenv("RESSVD_GGUF_CACHE", "0")
+    direct, direct_tokenizer = ressvd.load("smollm2-135m")
+    assert cached.state_dict().keys() == direct.state_dict().keys()
+    assert all(torch.equal(a, direct.state_dict()[k]) for k, a in cached.state_dict().items())
+    text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : naïve café, 2011."
+    assert tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]

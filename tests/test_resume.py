@@ -85,7 +85,7 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_identical_bytes(arg
 
 
 @pytest.mark.parametrize("extra", [
-    ["--no-stream", "--method", "ressvd", "--sequential"],  # whole model, dense + compressed streams
+    ["--no-stream", "--method", "ressvd", "--residual", "error-controlled", "--sequential"],  # two streams
     ["--k", "auto", "--allocation-option", "search_points=3", "--allocation-option", "max_evaluations=3"],
     # ^ whole model (k search); compression starts at layer N-k, after a dense prefix
     [],  # streamed, and served from the profile the first run wrote (no hidden states to resume from)

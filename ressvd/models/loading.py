@@ -1,14 +1,19 @@
 """Turn a MODEL argument into a (model, tokenizer) pair.
 
 MODEL may be a built-in alias, a .gguf file, a local Hugging Face directory (dense or a ressvd
-checkpoint), or a hub id. GGUF files are dequantised by transformers to float32 and loaded whole.
+checkpoint), or a hub id. A GGUF file is dequantised by transformers to float32 once and kept as
+a safetensors directory in the cache: parsing the GGUF takes about 40 s for SmolLM2-135M (its
+metadata is read four times), reading the directory a second or two, and a directory can be
+compressed one layer at a time (ressvd.models.streaming).
 """
 from __future__ import annotations
 
 import importlib
+import hashlib
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +46,14 @@ def _gemma3_gguf() -> str:
 ALIASES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
+GGUF_CACHE_ENV = "RESSVD_GGUF_CACHE"  # "0": load .gguf files directly every time
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "gguf" | "dir" | "compressed" | "hub"
     location: str  # file, directory or hub id
+    origin: str | None = None  # the .gguf file a cached "dir" was converted from
 
     @property
     def gguf_dir_and_file(self) -> tuple[str, str]:
@@ -61,7 +70,9 @@ def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
         spec = ALIASES[spec]()
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource("gguf", str(path))
+        if os.environ.get(GGUF_CACHE_ENV, "1") == "0":
+            return ModelSource("gguf", str(path))
+        return ModelSource("dir", str(gguf_as_directory(path)), origin=str(path))
     if path.is_dir():
         from ..checkpoint.format import is_compressed_checkpoint
         if is_compressed_checkpoint(path):
@@ -91,16 +102,51 @@ def _drop_gguf_quantization_record(model) -> None:
             delattr(model, attr)
 
 
+def gguf_cache_path(gguf: Path) -> Path:
+    """Where the float32 copy of `gguf` lives: keyed by its path, size and modification time."""
+    from ..calibration.profile import cache_dir
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def gguf_as_directory(gguf: Path) -> Path:
+    """The cached safetensors directory of a .gguf file, converted on first use. Written under a
+    temporary name and renamed when complete, so an interrupted conversion is never used."""
+    target = gguf_cache_path(gguf)
+    if (target / "config.json").exists():
+        return target
+    import logging
+    logging.getLogger(__name__).warning("ressvd: converting %s to float32 safetensors in %s (once)", gguf, target)
+    model, tokenizer = _load_with_transformers(ModelSource("gguf", str(gguf)), str(gguf), dtype=None)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished the same conversion first: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None):
     """Load MODEL (alias, .gguf, local dir, ressvd checkpoint or hub id) -> (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .registry import adapter_for
-
     source = resolve_model_source(spec)
     if source.kind == "compressed":
         from ..checkpoint.load import load_compressed
         return load_compressed(source.location, device=device, dtype=dtype)
+    return _load_with_transformers(source, spec, dtype, device)
+
+
+def _load_with_transformers(source: ModelSource, spec, dtype=None, device=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .registry import adapter_for
 
     if source.kind == "gguf":
         directory, name = source.gguf_dir_and_file

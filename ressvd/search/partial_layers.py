@@ -7,9 +7,9 @@ scored on held-out calibration sequences that the compression never saw, by `cri
 - "loss" (default): the mean next-token NLL of the model's own LM head on them;
 - "hidden": the relative squared error of the final hidden states (after the model's final norm,
   i.e. what the LM head reads) against the dense model's.
-The default is "loss" because "hidden" misled the search on SmolLM2-135M: it scored uniform
-compression (k = N) 3x worse than k = 15, while k = 15 gave the higher PPL on all three datasets
-(docs/BENCHMARKS.md, ResSVD ablation).
+The default is "loss" because it scores what perplexity measures; "hidden" weighs every direction
+of the final hidden state alike, also those the LM head ignores. On the one case measured both
+picked the same k (SmolLM2-135M, ratio 0.2; docs/BENCHMARKS.md, ResSVD ablation).
 
 Each candidate is fitted on a subset of the fit sequences (allocator.search_samples); the final
 compression with the chosen k uses all of them.
