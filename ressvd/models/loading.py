@@ -8,8 +8,8 @@ compressed one layer at a time (ressvd.models.streaming).
 """
 from __future__ import annotations
 
-import importlib
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
