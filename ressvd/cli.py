@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
     p.add_argument("--json", help="write the results to this JSON file (for `ressvd report`: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--device-map", default=None,
+                   help="e.g. 'auto': accelerate spreads a model too large for one device over several "
+                        "(replaces --device)")
     p.add_argument("--tasks", help="zero-shot tasks through lm-eval, comma list or 'all' (arc_easy,arc_challenge,"
                    "piqa,hellaswag,winogrande,openbookqa,mathqa), batched by --eval-batch-size; perplexity then "
                    "only with --datasets")
@@ -172,7 +175,7 @@ def cmd_eval(args) -> int:
         from .evaluation.zeroshot import check_tasks, parse_tasks
         tasks = parse_tasks(args.tasks)
         check_tasks(tasks, args.hub_tasks)
-    model, tokenizer = load(args.model, device=_device(args.device))
+    model, tokenizer = load(args.model, device=_device(args.device), device_map=args.device_map)
     if tokenizer is None:
         raise ValueError(f"{args.model} holds no tokenizer; cannot evaluate perplexity")
     results = {"model": str(args.model), "model_type": getattr(model.config, "model_type", None),

@@ -30,6 +30,25 @@ def test_save_load_gives_identical_logits(tiny_model, calib_ids, tmp_path):
     assert reloaded.config.ressvd["method"] == "svd-llm"
 
 
+def test_device_map_loading_goes_through_accelerate_with_the_same_logits(tiny_model, tiny_tokenizer, calib_ids,
+                                                                           tmp_path):
+    """Models larger than one device are placed by accelerate (device_map), not by ressvd code."""
+    dense_dir = tmp_path / "dense"
+    tiny_model.save_pretrained(dense_dir)
+    tiny_tokenizer.save_pretrained(dense_dir)
+    dense, _ = ressvd.load(dense_dir, device_map="auto")
+    with torch.no_grad():
+        assert torch.equal(tiny_model(calib_ids).logits, dense(calib_ids).logits)
+    model = compressed(tiny_model, calib_ids)
+    ressvd.save(model, None, tmp_path / "ck")
+    mapped, _ = ressvd.load(tmp_path / "ck", device_map="auto")
+    with torch.no_grad():
+        assert torch.equal(model(calib_ids).logits, mapped(calib_ids).logits)
+    for path in (dense_dir, tmp_path / "ck"):  # the map reaches accelerate: a device that does not exist fails there
+        with pytest.raises(Exception, match="nope"):
+            ressvd.load(path, device_map={"": "nope"})
+
+
 def test_checkpoint_holds_the_expected_bytes(tiny_llama, calib_ids, tmp_path):
     dense_dir, comp_dir = tmp_path / "dense", tmp_path / "ck"
     tiny_llama.save_pretrained(dense_dir)

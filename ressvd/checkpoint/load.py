@@ -9,7 +9,8 @@ from .format import CONFIG_KEY, CorruptCheckpointError, read_config, validate_re
 from .remote_code import compressed_model_class
 
 
-def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None):
+def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None,
+                    device_map=None):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -25,7 +26,9 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     # the low-rank (or fused) structure of config.ressvd, built as the checkpoint's own modeling file does
     cls = compressed_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
     try:
-        model, info = cls.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+        # device_map ("auto", ...): accelerate spreads a model larger than one device over several
+        model, info = cls.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
+                                          **({"device_map": device_map} if device_map is not None else {}))
     except CorruptCheckpointError:
         raise
     except Exception as err:  # safetensors header errors, truncated files, shape mismatches
@@ -34,7 +37,7 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     if problems:
         raise CorruptCheckpointError(f"{path}: weights do not match the recorded structure: {problems}")
     model.eval()
-    if device is not None:
+    if device is not None and device_map is None:
         model.to(device)
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():

@@ -134,16 +134,19 @@ def gguf_as_directory(gguf: Path) -> Path:
     return target
 
 
-def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Load MODEL (alias, .gguf, local dir, ressvd checkpoint or hub id) -> (model, tokenizer)."""
+def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | None = None,
+               device_map=None):
+    """Load MODEL (alias, .gguf, local dir, ressvd checkpoint or hub id) -> (model, tokenizer).
+    device_map (e.g. "auto") is handed to transformers/accelerate, for models larger than one device;
+    it replaces `device`."""
     source = resolve_model_source(spec)
     if source.kind == "compressed":
         from ..checkpoint.load import load_compressed
-        return load_compressed(source.location, device=device, dtype=dtype)
-    return _load_with_transformers(source, spec, dtype, device)
+        return load_compressed(source.location, device=device, dtype=dtype, device_map=device_map)
+    return _load_with_transformers(source, spec, dtype, device, device_map)
 
 
-def _load_with_transformers(source: ModelSource, spec, dtype=None, device=None):
+def _load_with_transformers(source: ModelSource, spec, dtype=None, device=None, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .registry import adapter_for
@@ -162,6 +165,8 @@ def _load_with_transformers(source: ModelSource, spec, dtype=None, device=None):
         config = AutoConfig.from_pretrained(load_from, **kwargs)
         adapter_for(config)  # fail before loading any weights
         tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(load_from, dtype=dtype, **kwargs)
     except OSError as err:
         if source.kind == "hub":
@@ -171,6 +176,6 @@ def _load_with_transformers(source: ModelSource, spec, dtype=None, device=None):
         raise
     _drop_gguf_quantization_record(model)
     model.eval()
-    if device is not None:
+    if device is not None and device_map is None:
         model.to(device)
     return model, tokenizer
