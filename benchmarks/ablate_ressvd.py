@@ -29,9 +29,9 @@ ROWS = {
     "PLC + svd-llm (dense stats)": dict(method="svd-llm", stats="dense", allocation="partial-layer",
                                         allocation_options={"k": "auto"}),
     "ResSVD (default)": dict(method="ressvd"),
-    "ResSVD, error-controlled residual, loss search": dict(method="ressvd",
+    "ResSVD error-controlled residual + loss search": dict(method="ressvd",
                                                            method_options={"residual": "error-controlled"}),
-    "ResSVD, error-controlled residual, hidden-state search": dict(
+    "ResSVD error-controlled residual + hidden-state search": dict(
         method="ressvd", method_options={"residual": "error-controlled"},
         allocation_options={"k": "auto", "criterion": "hidden"}),
     "ResSVD plain residual": dict(method="ressvd", method_options={"residual": "plain"}),

@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ressvd  # noqa: E402
+from speed import prompt_ids  # noqa: E402  (benchmarks/speed.py: the same fixed prompt)
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "aten::baddbmm"}
 
@@ -29,8 +30,7 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::
 def decode_profile(path: str, prompt_tokens: int, new_tokens: int) -> dict:
     model, _ = ressvd.load(path)
     model.eval()
-    ids = torch.randint(100, model.config.vocab_size - 100, (1, prompt_tokens),
-                        generator=torch.Generator().manual_seed(1234))
+    ids = prompt_ids(model.config.vocab_size, 1, prompt_tokens)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():

@@ -14,7 +14,6 @@ single run's (writing a profile changes nothing).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ressvd.checkpoint.format import content_hashes
 
 
 def run(argv: list[str]) -> float:
@@ -33,11 +34,6 @@ def run(argv: list[str]) -> float:
         sys.stderr.write(done.stderr[-3000:])
         raise SystemExit(f"failed: {' '.join(argv)}")
     return seconds
-
-
-def hashes(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.is_file() and p.name != "ressvd_report.json"}
 
 
 def main(argv=None) -> int:
@@ -77,7 +73,7 @@ def main(argv=None) -> int:
             print(f"sweep ratio {ratio}: {seconds:.1f} s (factorize {report['seconds']['factorize']:.1f} s, "
                   f"profile layers read {report['profile']['layers_read']}, written "
                   f"{report['profile']['layers_written']})", flush=True)
-        identical = hashes(single_out) == hashes(tmp / f"sweep-{ratios[0]}")
+        identical = content_hashes(single_out) == content_hashes(tmp / f"sweep-{ratios[0]}")
         profile_bytes = sum(f.stat().st_size for f in (tmp / "profile").glob("*.safetensors"))
 
     total = sum(sweep)

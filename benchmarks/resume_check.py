@@ -14,7 +14,6 @@ timings).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import signal
@@ -23,12 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPORT = "ressvd_report.json"
-
-
-def hashes(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.is_file() and p.name != REPORT}
+from ressvd.checkpoint.format import REPORT_FILE as REPORT, content_hashes
 
 
 def main(argv=None) -> int:
@@ -70,7 +64,7 @@ def main(argv=None) -> int:
 
     resumed_s = run(resumed)
     reused = (json.loads((resumed / REPORT).read_text()).get("resume") or {}).get("layers_reused")
-    identical = hashes(reference) == hashes(resumed)
+    identical = content_hashes(reference) == content_hashes(resumed)
     print(f"{args.model}: compress {args.settings}")
     print(f"uninterrupted run            {uninterrupted_s:7.1f} s")
     print(f"run killed (SIGKILL) after   {killed_s:7.1f} s, {on_disk} finished layers on disk")

@@ -121,20 +121,11 @@ def compile_mlps(model):
 
 # -- memory probe: a fresh process per checkpoint -----------------------------------------------
 
-def _vm_hwm() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _vm_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -145,7 +136,7 @@ def probe_memory(args) -> dict:
     device = torch.device(args.device)
     model, _ = ressvd.load(args.probe, device=str(device))
     gc.collect()
-    after_load = _vm_rss()
+    after_load = _proc_status_bytes("VmRSS")
     # reset the RSS high-water mark so loading (file pages, temporary copies) does not count
     reset = False
     try:
@@ -164,7 +155,7 @@ def probe_memory(args) -> dict:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_over_load_bytes"] = result["peak_bytes"] - allocated
     else:
-        result["peak_bytes"] = _vm_hwm()
+        result["peak_bytes"] = _proc_status_bytes("VmHWM")
         result["peak_over_load_bytes"] = result["peak_bytes"] - after_load if reset else None
         result["rss_after_load_bytes"] = after_load
     return result

@@ -12,10 +12,11 @@ import torch
 import ressvd
 from ressvd.calibration.profile import (CalibrationProfile, ProfileMismatchError, fingerprint_model,
                                         fingerprint_tensors)
+from ressvd.checkpoint.format import content_hashes
 from ressvd.cli import main
 
 from .conftest import clone
-from .test_resume import hashes, report
+from .test_resume import report
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def test_another_ratio_reuses_the_profile_and_writes_the_same_bytes(tiny_model_d
     assert second["profile"] == {"path": first["profile"]["path"], "layers_read": 4, "layers_written": 0}
     assert second["seconds"]["capture"] == second["seconds"]["statistics"] == 0  # no forward pass at all
     run("r04-fresh", "0.4", "--profile", "none")
-    assert hashes(tmp_path / "r04") == hashes(tmp_path / "r04-fresh")
+    assert content_hashes(tmp_path / "r04") == content_hashes(tmp_path / "r04-fresh")
 
 
 @pytest.mark.parametrize("method", ["asvd", "svd-llm"])

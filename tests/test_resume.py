@@ -6,7 +6,6 @@ refused naming the differing argument; nothing under --out changes until a new c
 complete; the same command twice writes identical bytes.
 """
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -17,15 +16,8 @@ import pytest
 
 from ressvd.calibration import workdir as workdir_module
 from ressvd.calibration.workdir import KILL_ENV, WorkDir, WorkDirBusyError, work_dir_for
+from ressvd.checkpoint.format import REPORT_FILE as REPORT, content_hashes
 from ressvd.cli import main
-
-REPORT = "ressvd_report.json"
-
-
-def hashes(path):
-    """sha256 of every file of a checkpoint but the report (which carries timings)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.is_file() and p.name != REPORT}
 
 
 def report(path):
@@ -65,13 +57,13 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_identical_bytes(arg
     reference, out = tmp_path / "reference", tmp_path / "ck"
     assert main(args(reference, "--profile", "none")) == 0
     assert main(args(out, "--profile", "none", ratio="0.2")) == 0  # an older checkpoint at --out
-    before = hashes(out)
+    before = content_hashes(out)
 
     env = {**os.environ, KILL_ENV: "1"}
     killed = subprocess.run([sys.executable, "-m", "ressvd.cli", *args(out, "--profile", "none")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
-    assert hashes(out) == before  # the old checkpoint is untouched
+    assert content_hashes(out) == before  # the old checkpoint is untouched
     work = work_dir_for(out)
     assert sorted(p.name for p in (work / "layers").glob("*.safetensors")) == ["00000.safetensors",
                                                                                "00001.safetensors"]
@@ -80,7 +72,7 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_identical_bytes(arg
     assert main(args(out, "--profile", "none")) == 0
     assert "resuming" in capsys.readouterr().err
     assert report(out)["resume"]["layers_reused"] == 2  # layers 0 and 1 were not recomputed
-    assert hashes(out) == hashes(reference)
+    assert content_hashes(out) == content_hashes(reference)
     assert not work.exists()
 
 
@@ -101,7 +93,7 @@ def test_interrupted_runs_resume_to_identical_bytes(args, tmp_path, monkeypatch,
     assert main(args(out, *extra)) == 0
     assert report(out)["resume"]["layers_reused"] == first + 1
     assert report(out)["loading"] == ("streamed" if not extra else "whole")
-    assert hashes(out) == hashes(reference)
+    assert content_hashes(out) == content_hashes(reference)
 
 
 def test_other_arguments_are_refused_naming_them_and_restart_discards(args, tmp_path, monkeypatch, capsys):
@@ -125,7 +117,7 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
     assert main(args(reference, "--profile", "none")) == 0
     shutil.copytree(reference, tmp_path / "old")
     assert main(args(out, "--profile", "none", ratio="0.2")) == 0
-    before = hashes(out)
+    before = content_hashes(out)
 
     from ressvd.calibration import profile as profile_module
     real_save = profile_module.save_file
@@ -142,7 +134,7 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
     monkeypatch.setattr(profile_module, "save_file", failing_save)
     assert main(args(out, "--profile", "none")) == 1
     assert "No space left on device" in capsys.readouterr().err
-    assert hashes(out) == before
+    assert content_hashes(out) == before
     work = work_dir_for(out)
     assert sorted(p.name for p in (work / "layers").glob("*")) == ["00000.json", "00000.safetensors",
                                                                    "00001.json"]  # no half-written file
@@ -158,21 +150,21 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
     monkeypatch.setattr(streaming, "save_file", lambda *a, **k: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
     assert main(args(out, "--profile", "none")) == 1
-    assert hashes(out) == before
+    assert content_hashes(out) == before
     assert not list(tmp_path.glob(".ck.partial-*")) and not list(tmp_path.glob(".ck.old-*"))
 
     monkeypatch.setattr(streaming, "save_file", real_shard)
     assert main(args(out, "--profile", "none")) == 0
     assert report(out)["resume"]["layers_reused"] == 4  # every layer was done before the save failed
-    assert hashes(out) == hashes(reference)
+    assert content_hashes(out) == content_hashes(reference)
 
 
 def test_the_same_command_twice_writes_identical_safetensors(args, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(args(first, "--profile", "none")) == 0
     assert main(args(second, "--profile", "none")) == 0
-    assert any(name.endswith(".safetensors") for name in hashes(first))
-    assert hashes(first) == hashes(second)
+    assert any(name.endswith(".safetensors") for name in content_hashes(first))
+    assert content_hashes(first) == content_hashes(second)
 
 
 def test_one_run_at_a_time_per_work_directory(tmp_path):

@@ -7,6 +7,7 @@ factorised linear. The factors are stored as `<linear>.A.weight` (m x r) and `<l
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,13 @@ REPORT_FILE = "ressvd_report.json"
 
 class CorruptCheckpointError(ValueError):
     pass
+
+
+def content_hashes(path: str | Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint directory but the report (which carries timings): equal
+    hashes mean the same checkpoint (determinism and resume checks)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(path).iterdir())
+            if p.is_file() and p.name != REPORT_FILE}
 
 
 def read_config(path: str | Path) -> dict:
