@@ -4,12 +4,14 @@ Every row uses the same calibration tokens (C4, seed 0) and the same evaluation 
 of 512 tokens of WikiText-2, PTB and C4). Prints one table per model and writes JSON.
 
     python benchmarks/ablate_ressvd.py --model smollm2-135m --ratios 0.2,0.4,0.6 --json runs/ablate-smollm2.json
+    python benchmarks/ablate_ressvd.py --table --json runs/ablate-smollm2.json,runs/ablate-gemma3.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +26,10 @@ ROWS = {
     "REC plain": dict(method="ressvd", allocation="uniform", method_options={"residual": "plain"}),
     "REC error-controlled": dict(method="ressvd", allocation="uniform",
                                  method_options={"residual": "error-controlled"}),
+    "REC error-controlled ridge 0.01": dict(method="ressvd", allocation="uniform",
+                                           method_options={"residual": "error-controlled", "ridge": 0.01}),
+    "REC error-controlled ridge 0.1": dict(method="ressvd", allocation="uniform",
+                                          method_options={"residual": "error-controlled", "ridge": 0.1}),
     "PLC + svd-llm (compressed stats)": dict(method="svd-llm", stats="compressed", allocation="partial-layer",
                                              allocation_options={"k": "auto"}),
     "PLC + svd-llm (dense stats)": dict(method="svd-llm", stats="dense", allocation="partial-layer",
@@ -39,21 +45,25 @@ ROWS = {
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per (model, row), columns ratio x dataset PPL, then k and seconds per ratio."""
+    """One row per (model, row): per ratio the PPL of every dataset ("W / P / C"), then k and
+    seconds per ratio; an empty cell is a ratio not measured for that row."""
     ratios = sorted({r["ratio"] for r in results if r["row"] != "dense"})
     datasets = list(next(iter(results))["ppl"])
-    head = ["model", "row"] + [f"{d} @{x}" for x in ratios for d in datasets] + [f"k @{x}" for x in ratios] \
-        + [f"s @{x}" for x in ratios]
+    names = " / ".join(datasets)
+    head = ["model", "row"] + [f"{names} @{x}" for x in ratios] + ["k", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["model"], r["row"]) for r in results))
     for model, row in keys:
-        found = {r["ratio"]: r for r in results if (r["model"], r["row"]) == (model, row)}
+        found = {r["ratio"]: r for r in results if (r["model"], r["row"]) == (model, row)}  # the last run wins
         if row == "dense":
-            cells = [f"{found[0.0]['ppl'][d]:.2f}" for _ in ratios for d in datasets] + ["–"] * (2 * len(ratios))
+            dense = " / ".join(f"{found[0.0]['ppl'][d]:.2f}" for d in datasets)
+            cells = [dense] * len(ratios) + ["–", "–"]
         else:
-            cells = [f"{found[x]['ppl'][d]:.2f}" if x in found else "" for x in ratios for d in datasets]
-            cells += [str(found[x]["k"] if found[x]["k"] is not None else "–") if x in found else "" for x in ratios]
-            cells += [f"{found[x]['seconds']:.0f}" if x in found else "" for x in ratios]
+            cells = [" / ".join(f"{found[x]['ppl'][d]:.2f}" for d in datasets) if x in found else ""
+                     for x in ratios]
+            cells.append(" / ".join(str(found[x]["k"]) if found[x]["k"] is not None else "–"
+                                    for x in ratios if x in found))
+            cells.append(" / ".join(f"{found[x]['seconds']:.0f}" for x in ratios if x in found))
         lines.append("| " + " | ".join([model, row] + cells) + " |")
     return "\n".join(lines)
 
@@ -69,10 +79,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20, help="PPL windows of 512 tokens per dataset")
     parser.add_argument("--sequential", action="store_true", help="compress groups in turn inside each layer")
     parser.add_argument("--json", help="write results here (appends rows to an existing file)")
-    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --json")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the Markdown table of --json (a comma list of files allowed)")
+    parser.add_argument("--save-dir", help="also save each compressed model (ressvd.save) under this folder, "
+                                           "as MODEL-ROW-RATIO, e.g. for a zero-shot run afterwards")
     args = parser.parse_args()
-    if args.table:
-        print(markdown_table(json.loads(Path(args.json).read_text())))
+    if args.table:  # --json may name several files here (one per model), comma-separated
+        print(markdown_table([r for path in args.json.split(",") for r in json.loads(Path(path).read_text())]))
         return
 
     dense, tokenizer = ressvd.load(args.model)
@@ -100,6 +113,10 @@ def main() -> None:
                             "achieved": report.achieved_ratio["decoder_linears"], "seconds": seconds,
                             "sequential": args.sequential, "calibration": f"{args.nsamples}x{args.seqlen}"})
             r = results[-1]
+            if args.save_dir:
+                slug = re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+                r["saved"] = str(Path(args.save_dir) / f"{args.model}-{slug}-{ratio}")
+                ressvd.save(model, tokenizer, r["saved"], report.to_dict())
             print(f"{args.model} {ratio:.1f} {row:<34s} " + " ".join(f"{d} {r['ppl'][d]:9.2f}" for d in datasets)
                   + f"  k={r['k']}  {seconds:6.1f}s", flush=True)
             if out:

@@ -134,24 +134,32 @@ def two_stream_stats(X, X_tilde):
     return GroupStats(primary=comp, dense=dense, compressed=comp, cross=X.T @ X_tilde)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
 @pytest.mark.parametrize("rank", [8, 20, 40])
-def test_error_controlled_residual_is_the_optimal_rank_r2_correction(rank):
-    """Stage 2 minimises ||W X - (W1 + R2) X~|| over rank-r2 R2: it never loses to `same`, and no
-    random rank-r2 perturbation of its R2 does better."""
+def test_error_controlled_residual_is_the_optimal_rank_r2_correction(rank, ridge):
+    """Stage 2 minimises ||W X - (W1 + R2) X~||² + λ||R2||² over rank-r2 R2 (λ = ridge · mean
+    diag X~X~^T): it never loses to `same`'s R2 on that objective, and no random rank-r2
+    perturbation of its R2 does better."""
     X, W = correlated_inputs(), weight()
     noise = torch.randn(X.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     X_tilde = X + 0.3 * noise * X.std(0)  # what the compressed prefix feeds the layer
     stats = two_stream_stats(X, X_tilde)
+    penalty = ridge * float((X_tilde.T @ X_tilde).diagonal().mean())
 
-    def objective(f):
-        return torch.linalg.norm(W @ X.T - (f.A @ f.B) @ X_tilde.T)
+    def objective(W1, R2):
+        return torch.linalg.norm(W @ X.T - (W1 + R2) @ X_tilde.T) ** 2 + penalty * torch.linalg.norm(R2) ** 2
 
-    ec = get_method("ressvd", residual="error-controlled", beta=0.2).factorize(W, rank, stats)
+    def split(f):
+        r1 = f.info["r1"]
+        return f.A[:, :r1] @ f.B[:r1], f.A[:, r1:] @ f.B[r1:]
+
+    ec = get_method("ressvd", residual="error-controlled", beta=0.2, ridge=ridge).factorize(W, rank, stats)
     same = get_method("ressvd", residual="same", beta=0.2).factorize(W, rank, stats)
-    assert objective(ec) <= objective(same) * (1 + 1e-9)
-    r1, r2 = ec.info["r1"], ec.info["r2"]
-    W1 = ec.A[:, :r1] @ ec.B[:r1]
-    R2 = ec.A[:, r1:] @ ec.B[r1:]
+    W1, R2 = split(ec)
+    torch.testing.assert_close(W1, split(same)[0])  # stage 1 is shared
+    best = objective(W1, R2)
+    assert best <= objective(*split(same)) * (1 + 1e-9)
+    r2 = ec.info["r2"]
     g = torch.Generator().manual_seed(7)
     for _ in range(5):
         U = torch.randn(W.shape[0], r2, generator=g, dtype=torch.float64)
@@ -160,7 +168,20 @@ def test_error_controlled_residual_is_the_optimal_rank_r2_correction(rank):
         # project back to rank r2 so the competitor is feasible
         Uq, Sq, Vq = torch.linalg.svd(perturbed)
         feasible = (Uq[:, :r2] * Sq[:r2]) @ Vq[:r2]
-        assert torch.linalg.norm(W @ X.T - (W1 + feasible) @ X_tilde.T) >= objective(ec) * (1 - 1e-9)
+        assert objective(W1, feasible) >= best * (1 - 1e-9)
+
+
+def test_a_ridge_shrinks_the_residual_stage():
+    X, W = correlated_inputs(), weight()
+    noise = torch.randn(X.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = two_stream_stats(X, X + 0.3 * noise * X.std(0))
+    norms = []
+    for ridge in (0.0, 0.1, 10.0):
+        f = get_method("ressvd", residual="error-controlled", beta=0.2, ridge=ridge).factorize(W, 20, stats)
+        norms.append(float(torch.linalg.norm(f.A[:, f.info["r1"]:] @ f.B[f.info["r1"]:])))
+    assert norms[0] > norms[1] > norms[2]
+    with pytest.raises(ValueError, match="ridge"):
+        get_method("ressvd", residual="error-controlled", ridge=-1.0)
 
 
 def test_error_controlled_with_identical_streams_equals_same():

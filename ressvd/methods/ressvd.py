@@ -10,6 +10,9 @@ Stage 2 modes (`residual`):
 - "error-controlled": fit what the layer really gets inside the partly compressed model:
   min over rank-r2 R2 of ||W X − (W1 + R2) X~||_F, X the dense input, X~ the compressed-prefix
   input. Closed form (§2.8): R2 = trunc_r2(W C S~^-T − W1 S~) S~^-1, with C = X X~^T, S~ S~^T = X~ X~^T.
+  `ridge` > 0 adds ridge·mean(diag X~X~^T)·||R2||_F² to the objective. Then S~ S~^T = X~ X~^T + λI and
+  R2 = trunc_r2((W C − W1 X~X~^T) S~^-T) S~^-1: directions in which the calibration inputs barely
+  vary no longer get coefficients of size 1/sqrt(eigenvalue).
 """
 from __future__ import annotations
 
@@ -37,16 +40,18 @@ class ResSVD(CompressionMethod):
     default_stats = "compressed"
     default_allocation = "partial-layer"
 
-    # Default "same" (≡ SVD-LLM at rank r) because it measured best: on SmolLM2-135M at ratio 0.2,
-    # uniform, compressed-prefix statistics, WikiText-2 PPL 233 for "same" against 19,338 for
-    # "error-controlled", whose unregularised regression onto X~ overfits the calibration tokens
-    # (docs/BENCHMARKS.md, ResSVD ablation).
-    def __init__(self, residual: str = "same", beta: float = 0.05):
+    # Default "same" (≡ SVD-LLM at rank r) because it measured best overall (SmolLM2-135M, WikiText-2
+    # PPL; docs/BENCHMARKS.md, ResSVD ablation): "error-controlled" breaks the model (19,338 against
+    # 233 at 0.2, uniform; 1,656 with ridge 0.1); "plain" won at 0.2 with PLC (147 against 158, where
+    # the search also chose another k) and lost at 0.4 with the same k (442 against 413).
+    def __init__(self, residual: str = "same", beta: float = 0.05, ridge: float = 0.0):
         if residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
         if not 0 <= beta < 1:
             raise ValueError(f"beta must lie in [0, 1), got {beta}")
-        self.residual, self.beta = residual, float(beta)
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0 (a fraction of the mean diagonal of X~X~^T), got {ridge}")
+        self.residual, self.beta, self.ridge = residual, float(beta), float(ridge)
         if residual == "error-controlled":
             # instance attributes override the class defaults the engine reads
             self.streams = frozenset({"dense", "compressed"})
@@ -70,21 +75,29 @@ class ResSVD(CompressionMethod):
         elif self.residual == "plain":
             A2, B2, _ = truncated_svd_factors(weight - A1 @ B1, r2)
         else:
-            target_white, comp_white = stats.cached("error-controlled", lambda: self._error_whitening(stats))
-            # W C S~^-T − W1 S~, both in the compressed-input whitened coordinates
-            M = weight @ target_white - (A1 @ B1) @ comp_white.S
+            target_white, gram_white, comp_white = stats.cached(
+                f"error-controlled ridge={self.ridge}", lambda: self._error_whitening(stats, self.ridge))
+            # (W C − W1 X~X~^T) S~^-T, in the compressed-input whitened coordinates
+            M = weight @ target_white - (A1 @ B1) @ gram_white
             A2, B2_white, _ = truncated_svd_factors(M, r2)
             B2 = right_divide_lower(B2_white, comp_white.S)
             info["shift_compressed"] = comp_white.shift
         return Factors(torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0), info)
 
     @staticmethod
-    def _error_whitening(stats):
-        """(C S~^-T, S~) shared by the linears of one input group."""
+    def _error_whitening(stats, ridge: float):
+        """(C S~^-T, X~X~^T S~^-T, S~) shared by the linears of one input group."""
         if stats.cross is None or stats.compressed is None:
             raise RuntimeError("error-controlled residual needs dense/compressed statistics and their cross term")
-        comp = cholesky_whitening(stats.compressed.gram)
+        gram = stats.compressed.gram.to(torch.float64)
+        if ridge:
+            penalty = ridge * float(gram.diagonal().mean())
+            comp = cholesky_whitening(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+            gram_white = torch.linalg.solve_triangular(comp.S, gram, upper=False).T  # X~X~^T S~^-T (symmetric)
+        else:
+            comp = cholesky_whitening(gram)
+            gram_white = comp.S  # X~X~^T S~^-T = S~ exactly (up to the Cholesky safeguard's shift)
         # C S~^-T = (S~^-1 C^T)^T, by a triangular solve
         C = stats.cross.to(torch.float64)
         target = torch.linalg.solve_triangular(comp.S, C.T, upper=False).T
-        return target, comp
+        return target, gram_white, comp

@@ -1,0 +1,54 @@
+"""Where SVD-LLM V2's allocation puts the compression: the ratio it gives each decoder linear.
+
+Prints one line per decoder layer (the ratio of each of its linears, in module order, and their
+mean) and writes every matrix's rank and ratio to --json. docs/BENCHMARKS.md, "Methods and
+allocations compared", reads layer 0 off this table.
+
+    python benchmarks/v2_allocation.py --model smollm2-135m --ratio 0.2 --json runs/v2-alloc-smollm2-0.2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import ressvd
+from ressvd import CalibrationSpec
+from ressvd.allocation.ranks import rank_for_ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--method", default="svd-llm-v2")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--json", help="write {matrix: {rank, uniform_rank, ratio}} here")
+    args = parser.parse_args()
+
+    model, tokenizer = ressvd.load(args.model)
+    shapes = {name: tuple(module.weight.shape) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    report = ressvd.compress(model, tokenizer, method=args.method, allocation="v2", ratio=args.ratio,
+                             calibration=CalibrationSpec("c4", args.nsamples, args.seqlen, 0), progress=False)
+    rows, by_layer = {}, defaultdict(list)
+    for name, rank in report.ranks.items():
+        m, n = shapes[name]
+        kept = rank * (m + n) if rank is not None else m * n  # None: left dense
+        rows[name] = {"rank": rank, "uniform_rank": rank_for_ratio(m, n, args.ratio), "ratio": 1 - kept / (m * n)}
+        by_layer[int(name.split(".layers.")[1].split(".")[0])].append((name.rsplit(".", 1)[1], rows[name]["ratio"]))
+    names = [n for n, _ in by_layer[min(by_layer)]]
+    print(f"{args.model}, v2 allocation at {args.ratio}: per-layer ratios ({', '.join(names)})")
+    for layer in sorted(by_layer):
+        ratios = [r for _, r in by_layer[layer]]
+        print(f"{layer:3d} " + " ".join(f"{r:.2f}" for r in ratios) + f"   mean {sum(ratios) / len(ratios):.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
