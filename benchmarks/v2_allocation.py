@@ -18,6 +18,7 @@ import torch
 import ressvd
 from ressvd import CalibrationSpec
 from ressvd.allocation.ranks import rank_for_ratio
+from ressvd.report.plots import layer_and_matrix
 
 
 def main() -> None:
@@ -38,9 +39,10 @@ def main() -> None:
     rows, by_layer = {}, defaultdict(list)
     for name, rank in report.ranks.items():
         m, n = shapes[name]
-        kept = rank * (m + n) if rank is not None else m * n  # None: left dense
+        kept = rank * (m + n) if rank is not None else m * n  # None: left dense (no report.modules entry)
         rows[name] = {"rank": rank, "uniform_rank": rank_for_ratio(m, n, args.ratio), "ratio": 1 - kept / (m * n)}
-        by_layer[int(name.split(".layers.")[1].split(".")[0])].append((name.rsplit(".", 1)[1], rows[name]["ratio"]))
+        layer, matrix = layer_and_matrix(name)
+        by_layer[layer].append((matrix, rows[name]["ratio"]))
     names = [n for n, _ in by_layer[min(by_layer)]]
     print(f"{args.model}, v2 allocation at {args.ratio}: per-layer ratios ({', '.join(names)})")
     for layer in sorted(by_layer):

@@ -85,7 +85,8 @@ def plot_ppl_vs_ratio(records: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _layer_and_matrix(name: str) -> tuple[int, str] | None:
+def layer_and_matrix(name: str) -> tuple[int, str] | None:
+    """'model.layers.3.mlp.down_proj' -> (3, 'down_proj'); None for a name outside the decoder layers."""
     match = re.search(r"layers\.(\d+)\.(.+)$", name)
     return (int(match.group(1)), match.group(2).rsplit(".", 1)[-1]) if match else None
 
@@ -97,7 +98,7 @@ def rank_grid(record: dict):
     import numpy as np
     cells = {}
     for name, rank in (record.get("ranks") or {}).items():
-        key = _layer_and_matrix(name)
+        key = layer_and_matrix(name)
         if key is None:
             continue
         shape = (record.get("shapes") or {}).get(name)
