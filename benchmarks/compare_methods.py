@@ -12,7 +12,8 @@ the dense model and its copy), and how much it rose over the RSS at the call's s
     flock /tmp/ressvd-cpu.lock python benchmarks/compare_methods.py --model smollm2-135m \\
         --json runs/compare-smollm2-135m.json
 
-Results are written after every row; --resume skips rows already in the JSON file.
+Results are written after every row; --resume skips rows already in the JSON file, and --table
+prints the table of a JSON file without running anything.
 """
 from __future__ import annotations
 
@@ -32,17 +33,21 @@ from pathlib import Path
 import ressvd
 from ressvd import CalibrationSpec
 
-# row key -> (label, method, allocation, method options)
+# row key -> (label, method, allocation, method options, allocation options)
 ROWS = {
-    "svd-llm": ("SVD-LLM (W)", "svd-llm", "uniform", {}),
-    "svd-llm-v2+v2": ("SVD-LLM V2 (truncation + v2 allocation)", "svd-llm-v2", "v2", {}),
-    "svd": ("SVD", "svd", "uniform", {}),
-    "fwsvd": ("FWSVD (rows)", "fwsvd", "uniform", {}),
-    "asvd": ("ASVD (α = 0.5)", "asvd", "uniform", {}),
-    "svd-llm-update": ("SVD-LLM (W + update)", "svd-llm-update", "uniform", {}),
-    "svd-llm-v2": ("SVD-LLM V2 truncation, uniform", "svd-llm-v2", "uniform", {}),
+    "svd-llm": ("SVD-LLM (W)", "svd-llm", "uniform", {}, {}),
+    "svd-llm-v2+v2": ("SVD-LLM V2 (truncation + v2 allocation)", "svd-llm-v2", "v2", {}, {}),
+    "svd": ("SVD", "svd", "uniform", {}, {}),
+    "fwsvd": ("FWSVD (rows)", "fwsvd", "uniform", {}, {}),
+    "asvd": ("ASVD (α = 0.5)", "asvd", "uniform", {}, {}),
+    "svd-llm-update": ("SVD-LLM (W + update)", "svd-llm-update", "uniform", {}, {}),
+    "svd-llm-v2": ("SVD-LLM V2 truncation, uniform", "svd-llm-v2", "uniform", {}, {}),
+    # the paper's loss scale: every Gram rescaled to 256 x 2048 calibration tokens before log L
+    "svd-llm-v2+v2-paper-scale": ("SVD-LLM V2 + v2 allocation, L at 256 × 2048 tokens", "svd-llm-v2", "v2", {},
+                                  {"loss_tokens": 256 * 2048}),
 }
-DISPLAY = ("svd", "fwsvd", "asvd", "svd-llm", "svd-llm-update", "svd-llm-v2", "svd-llm-v2+v2")  # table order
+DISPLAY = ("svd", "fwsvd", "asvd", "svd-llm", "svd-llm-update", "svd-llm-v2", "svd-llm-v2+v2",
+           "svd-llm-v2+v2-paper-scale")  # table order
 DATASETS = ("wikitext2", "ptb", "c4")
 
 
@@ -114,6 +119,7 @@ def main() -> None:
                         help="save each compressed model with ressvd.save and evaluate the copy ressvd.load reads back")
     parser.add_argument("--json", required=True, help="results file (written after every row)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json")
+    parser.add_argument("--table", action="store_true", help="only print the table of the rows in --json")
     args = parser.parse_args()
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
@@ -122,6 +128,9 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
 
     out = Path(args.json)
+    if args.table:
+        print_table(json.loads(out.read_text()), ratios)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if args.resume and out.exists() else {}
     results.setdefault("protocol", {
@@ -143,7 +152,7 @@ def main() -> None:
     print(f"dense: {results['rows']['dense']['ppl']}", flush=True)
 
     for key in rows:
-        label, method, allocation, options = ROWS[key]
+        label, method, allocation, options, allocation_options = ROWS[key]
         for ratio in ratios:
             row_key = f"{key}@{ratio}"
             if "ppl" in results["rows"].get(row_key, {}):
@@ -154,7 +163,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     report = ressvd.compress(model, tokenizer, method=method, ratio=ratio, allocation=allocation,
                                              calibration=CalibrationSpec("c4", args.nsamples, args.seqlen, args.seed),
-                                             method_options=options, progress=False)
+                                             method_options=options, allocation_options=allocation_options,
+                                             progress=False)
                     seconds = time.perf_counter() - t0
                 if args.reload:
                     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -169,7 +179,8 @@ def main() -> None:
                 continue
             ranks = [r for r in report.ranks.values() if r is not None]
             results["rows"][row_key] = {
-                "label": label, "method": method, "allocation": allocation, "options": options, "ratio": ratio,
+                "label": label, "method": method, "allocation": allocation, "options": options,
+                "allocation_options": allocation_options, "ratio": ratio,
                 "ppl": ppl, "seconds": seconds, "report_seconds": report.seconds,
                 "peak_rss_bytes": memory.peak, "rss_rise_bytes": memory.peak - memory.start,
                 "achieved_ratio": report.achieved_ratio, "rank_range": [min(ranks), max(ranks)] if ranks else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,26 +29,31 @@ def main() -> None:
     parser.add_argument("--method", default="svd-llm-v2")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--json", help="write {matrix: {rank, uniform_rank, ratio}} here")
+    parser.add_argument("--loss-tokens", type=int, help="the v2 allocation's loss_tokens (e.g. 524288 = 256 x 2048)")
+    parser.add_argument("--json", help="write {matrix: {rank, uniform_rank, ratio, loss}} here")
     args = parser.parse_args()
 
     model, tokenizer = ressvd.load(args.model)
     shapes = {name: tuple(module.weight.shape) for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear)}
     report = ressvd.compress(model, tokenizer, method=args.method, allocation="v2", ratio=args.ratio,
+                             allocation_options={"loss_tokens": args.loss_tokens} if args.loss_tokens is not None else None,
                              calibration=CalibrationSpec("c4", args.nsamples, args.seqlen, 0), progress=False)
     rows, by_layer = {}, defaultdict(list)
     for name, rank in report.ranks.items():
         m, n = shapes[name]
         kept = rank * (m + n) if rank is not None else m * n  # None: left dense (no report.modules entry)
-        rows[name] = {"rank": rank, "uniform_rank": rank_for_ratio(m, n, args.ratio), "ratio": 1 - kept / (m * n)}
+        loss = report.allocation_details["losses"][name]
+        rows[name] = {"rank": rank, "uniform_rank": rank_for_ratio(m, n, args.ratio), "ratio": 1 - kept / (m * n),
+                      "loss": loss}
         layer, matrix = layer_and_matrix(name)
-        by_layer[layer].append((matrix, rows[name]["ratio"]))
-    names = [n for n, _ in by_layer[min(by_layer)]]
-    print(f"{args.model}, v2 allocation at {args.ratio}: per-layer ratios ({', '.join(names)})")
+        by_layer[layer].append((matrix, rows[name]["ratio"], math.log(loss) if loss > 0 else -math.inf))
+    names = [n for n, _, _ in by_layer[min(by_layer)]]
+    print(f"{args.model}, v2 allocation at {args.ratio}: per-layer ratios ({', '.join(names)}), then ln L of each")
     for layer in sorted(by_layer):
-        ratios = [r for _, r in by_layer[layer]]
-        print(f"{layer:3d} " + " ".join(f"{r:.2f}" for r in ratios) + f"   mean {sum(ratios) / len(ratios):.3f}")
+        ratios = [r for _, r, _ in by_layer[layer]]
+        print(f"{layer:3d} " + " ".join(f"{r:.2f}" for r in ratios) + f"   mean {sum(ratios) / len(ratios):.3f}   ln L "
+              + " ".join(f"{x:.1f}" for _, _, x in by_layer[layer]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -55,6 +55,7 @@ class CompressionReport:
     resume: dict[str, Any] | None = None  # with a work directory: layers reused from an interrupted run
     profile: dict[str, Any] | None = None  # calibration profile: its path and whether it was read or written
     loading: str = "whole"  # "whole" or "streamed" (one decoder layer in memory at a time)
+    allocation_details: dict[str, Any] | None = None  # the allocator's diagnostics (V2: loss and ratio per matrix)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +129,7 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
     stats_hooks = EngineHooks(store=layer_store, profile=profile_obj)
     statistics = (lambda: iter_dense_statistics(model, adapter, calib_ids, options, stats_hooks)) \
         if allocator.needs_statistics else None
+    weights = (lambda name: model.get_submodule(name).weight) if allocator.needs_statistics else None
     start = time.perf_counter()
     method_obj.prepare(model, adapter, calib_ids, compute_device)
     prepare_seconds = time.perf_counter() - start
@@ -138,18 +140,23 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
     if plan is not None:  # resuming: the interrupted run's allocation (and search) stand
         ranks, search = plan["ranks"], plan["search"]
         allocation_options = plan["allocation_options"]
+        allocation_details = plan.get("allocation_details")
         search_seconds = 0.0
     else:
         if needs_search:
             best, curve, inputs = search_partial_layers(model, adapter, calib_ids, method_obj, allocator, ratio,
-                                                        options, matrices, progress=progress)
+                                                        options, matrices, progress=progress,
+                                                        statistics=statistics, weights=weights)
             allocator.k = best
             search = {"k": best, "criterion": allocator.criterion, "curve": [p.to_dict() for p in curve]}
         search_seconds = time.perf_counter() - start
-        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics)
+        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics,
+                                   weights=weights)
         allocation_options = {**(allocation_options or {}), **({"k": search["k"]} if search else {})}
+        allocation_details = dict(allocator.diagnostics) or None
         if workdir is not None:
-            workdir.save_plan({"ranks": ranks, "search": search, "allocation_options": allocation_options})
+            workdir.save_plan({"ranks": ranks, "search": search, "allocation_options": allocation_options,
+                               "allocation_details": allocation_details})
     allocation_seconds = time.perf_counter() - start - search_seconds
     before_linear = decoder_linear_weight_params(model, adapter)
     before_total = total_params(model)
@@ -179,6 +186,7 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
         profile={"path": str(profile_obj.path), "layers_read": profile_obj.reads,
                  "layers_written": profile_obj.writes} if profile_obj is not None else None,
         loading="streamed" if layer_store is not None else "whole",
+        allocation_details=allocation_details,
     )
     model.config.ressvd = checkpoint_record(report)
     return report

@@ -324,6 +324,64 @@ def test_v2_allocation_is_usable_as_a_registered_allocator_with_explicit_weights
                                weights=lambda n: tiny_llama.get_submodule(n).weight)
     assert set(ranks) == {m.name for m in matrices}
     assert max(allocator.diagnostics["ratios"].values()) <= 0.9
+    with pytest.raises(ValueError, match="weights"):
+        get_allocator("v2").allocate(matrices, 0.3, 4, statistics=statistics)
+
+
+def test_v2_loss_tokens_rescales_every_loss_by_the_root_of_the_token_ratio(tiny_llama, calib_ids):
+    adapter, statistics = dense_statistics(tiny_llama, calib_ids)
+    matrices = decoder_linears(tiny_llama, adapter)
+    weights = lambda n: tiny_llama.get_submodule(n).weight  # noqa: E731
+    raw = truncation_losses(matrices, 0.4, statistics, weights)
+    scaled = truncation_losses(matrices, 0.4, statistics, weights, loss_tokens=4 * calib_ids.numel())
+    for name in raw:  # the Gram sums over calib_ids.numel() tokens: 4x the tokens, 2x the loss
+        assert scaled[name] == pytest.approx(2 * raw[name], rel=1e-9)
+    allocator = get_allocator("v2", loss_tokens=4 * calib_ids.numel())
+    allocator.allocate(matrices, 0.4, 4, statistics=statistics, weights=weights)
+    assert allocator.diagnostics["losses"] == pytest.approx(scaled, rel=1e-9)
+    with pytest.raises(ValueError, match="loss_tokens"):
+        get_allocator("v2", loss_tokens=0.5)
+
+
+def test_v2_reads_the_statistics_once_for_many_subsets_and_ratios(tiny_llama, calib_ids):
+    adapter, statistics = dense_statistics(tiny_llama, calib_ids)
+    passes = []
+
+    def counted():
+        passes.append(1)
+        return statistics()
+
+    weights = lambda n: tiny_llama.get_submodule(n).weight  # noqa: E731
+    matrices = decoder_linears(tiny_llama, adapter)
+    allocator = get_allocator("v2")
+    for first_layer, ratio in ((3, 0.8), (2, 0.4), (0, 0.2)):  # the search's order: smallest suffix first
+        subset = [m for m in matrices if m.layer >= first_layer]
+        ranks = allocator.allocate(subset, ratio, 4, statistics=counted, weights=weights)
+        assert ranks == get_allocator("v2").allocate(subset, ratio, 4, statistics=statistics, weights=weights)
+    assert len(passes) == 1
+    allocator.allocate(matrices, 0.2, 4, statistics=statistics, weights=weights)  # other statistics: no reuse
+    assert len(passes) == 1 and allocator._spectra_source == (statistics, weights)
+
+
+def test_partial_layer_passes_its_inner_options_on():
+    allocator = get_allocator("partial-layer", k=2, inner="v2", inner_options={"loss_tokens": 1000, "max_ratio": 0.9})
+    assert allocator.inner.loss_tokens == 1000 and allocator.inner.max_ratio == 0.9
+    with pytest.raises(TypeError, match="no options"):
+        get_allocator("partial-layer", k=2, inner_options={"loss_tokens": 1000})
+
+
+def test_v2_inside_the_last_k_layers_with_a_searched_k(tiny_llama, calib_ids):
+    report = ressvd.compress(clone(tiny_llama), calibration=calib_ids, method="svd-llm-v2", ratio=0.2,
+                             allocation="partial-layer", allocation_options={"k": "auto", "inner": "v2"},
+                             progress=False)
+    k = report.search["k"]
+    matrices = decoder_linears(tiny_llama, adapter_for(tiny_llama.config))
+    compressed = [m for m in matrices if report.ranks[m.name] is not None]
+    assert {m.layer for m in compressed} <= set(range(4 - k, 4))
+    assert set(report.allocation_details["ratios"]) == {m.name for m in matrices if m.layer >= 4 - k}
+    removed = report.decoder_linear_params["before"] - report.decoder_linear_params["after"]
+    one_rank = max(m.out_features + m.in_features for m in matrices)
+    assert 0.2 * report.decoder_linear_params["before"] <= removed < 0.2 * report.decoder_linear_params["before"] + one_rank
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable, ClassVar, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from .ranks import MatrixSpec, factorization_saves
 
@@ -19,15 +20,19 @@ class Allocator:
     summary: ClassVar[str]
     # True when allocate() needs the dense model's statistics; it then receives `statistics`, a
     # callable returning an iterator of (layer index, {module name: GroupStats}), one layer alive
-    # at a time (see calibration.engine.iter_dense_statistics).
+    # at a time (see calibration.engine.iter_dense_statistics), and `weights`, a callable from a
+    # module name to its dense weight.
     needs_statistics: ClassVar[bool] = False
+    # What the last allocate() computed beyond the ranks (e.g. V2's per-matrix losses), for the report.
+    diagnostics: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, **options: Any):
         if options:
             raise TypeError(f"allocation {self.name!r} takes no options, got {sorted(options)}")
 
     def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int,
-                 statistics: Callable[[], Iterator] | None = None) -> Ranks:
+                 statistics: Callable[[], Iterator] | None = None,
+                 weights: Callable[[str], Any] | None = None) -> Ranks:
         raise NotImplementedError
 
 

@@ -4,7 +4,7 @@ Under an overall ratio R over decoder linears, the first N−k layers stay dense
 compressed at R_l = N·R/k each (equal layer sizes keep the overall ratio). k is feasible from
 ceil(N·R/max_layer_ratio) to N; k = N is uniform compression. `k="auto"` is resolved by a search
 on calibration data (ressvd.search.partial_layers) before allocation. Inside the last k layers any
-other allocator can distribute the ratio (`inner`, default uniform).
+other allocator can distribute the ratio (`inner`, default uniform, with `inner_options`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class PartialLayerAllocation(Allocator):
 
     def __init__(self, k: int | str = "auto", max_layer_ratio: float = 0.95, inner: str = "uniform",
                  search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25,
-                 search_samples: int = 8, criterion: str = "loss"):
+                 search_samples: int = 8, criterion: str = "loss", inner_options: dict | None = None):
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
         if not 0 < max_layer_ratio < 1:
@@ -35,8 +35,13 @@ class PartialLayerAllocation(Allocator):
             raise ValueError(f"criterion must be 'loss' (held-out next-token NLL) or 'hidden' (final hidden-state "
                              f"error), got {criterion!r}")
         self.criterion = criterion
-        self.inner = get_allocator(inner)
+        self.inner_options = dict(inner_options or {})
+        self.inner = get_allocator(inner, **self.inner_options)
         self.needs_statistics = self.inner.needs_statistics
+
+    @property
+    def diagnostics(self) -> dict:
+        return self.inner.diagnostics
 
     @property
     def needs_search(self) -> bool:
@@ -50,17 +55,19 @@ class PartialLayerAllocation(Allocator):
         return num_layers * ratio / k
 
     def ranks_for_k(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, k: int,
-                    statistics=None) -> Ranks:
+                    statistics=None, weights=None) -> Ranks:
         feasible = self.feasible_ks(num_layers, ratio)
         if k not in feasible:
             raise ValueError(f"k={k} is infeasible at ratio {ratio} with {num_layers} layers: each compressed "
                              f"layer may lose at most {self.max_layer_ratio} of its parameters, so k must lie in "
                              f"[{feasible[0]}, {num_layers}]")
         suffix = [m for m in matrices if m.layer >= num_layers - k]
-        ranks = self.inner.allocate(suffix, self.layer_ratio(num_layers, ratio, k), num_layers, statistics=statistics)
+        ranks = self.inner.allocate(suffix, self.layer_ratio(num_layers, ratio, k), num_layers,
+                                   statistics=statistics, weights=weights)
         return finalize(matrices, ranks)
 
-    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, statistics=None) -> Ranks:
+    def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, statistics=None,
+                 weights=None) -> Ranks:
         if self.k == "auto":
             raise RuntimeError("k='auto' must be resolved by ressvd.search.partial_layers before allocation")
-        return self.ranks_for_k(matrices, ratio, num_layers, self.k, statistics)
+        return self.ranks_for_k(matrices, ratio, num_layers, self.k, statistics, weights)

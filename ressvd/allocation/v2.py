@@ -14,6 +14,9 @@ Choices the paper leaves open (recorded in `diagnostics`):
   1 − (m+n)/mn) (at least rank 1). Clamping breaks the group mean, so each group is re-normalised:
   R_w = clamp(c_G·R_w^raw) with the scale c_G found by bisection so that the group removes exactly
   R·Σ_G mn parameters; unclamped matrices keep their 1/log L proportions.
+* Scale: H is a sum over this run's calibration tokens, and log(c·L) = log c + log L, so the
+  ratios depend on how many tokens were summed. `loss_tokens` rescales every H to a fixed token
+  count first (the paper calibrates on 256 × 2048 = 524288 tokens); the default keeps the raw sum.
 * Integer ranks: r_w = ⌊(1−R_w)·mn/(m+n)⌋, then one extra rank goes to the matrices with the
   largest rounding remainders while the budget allows, so the parameters removed exceed R·Σ mn by
   less than one rank of one matrix (never fewer removed than the target).
@@ -29,7 +32,6 @@ from collections import defaultdict
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
 
 from ..methods.linalg import eigen_whitening
 from .base import Allocator, Ranks, finalize, register_allocator
@@ -40,35 +42,56 @@ log = logging.getLogger("ressvd")
 WeightFn = Callable[[str], torch.Tensor]
 
 
-def truncation_losses(matrices: list[MatrixSpec], ratio: float, statistics: Callable[[], Iterator],
-                      weights: WeightFn, eig_floor: float = 1e-10) -> dict[str, float]:
-    """L_w at the uniform rank of `ratio`, for each matrix in `matrices`, from the dense statistics
-    (consumed layer by layer; stops early once every wanted matrix is seen)."""
+def whitened_spectra(matrices: list[MatrixSpec], statistics: Callable[[], Iterator], weights: WeightFn,
+                     eig_floor: float = 1e-10, passed_too: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """σ(W·S) of each matrix in `matrices` (S Sᵀ = H, the dense Gram) and the number of tokens
+    summed into H. The statistics are consumed layer by layer, stopping once every wanted matrix is
+    seen; `passed_too` also keeps the spectra of the other matrices streamed through on the way.
+    The spectrum does not depend on the ratio, so callers that try several ratios and subsets (the
+    partial-layer search) compute it once."""
     wanted = {m.name: m for m in matrices}
-    losses: dict[str, float] = {}
+    spectra: dict[str, tuple[torch.Tensor, int]] = {}
     stream = statistics()
     try:
         for _index, layer_stats in stream:
             for name, group in layer_stats.items():
-                spec = wanted.get(name)
-                if spec is None:
+                if name not in wanted and not passed_too:
                     continue
                 whitening = group.cached(f"eigen:{eig_floor}", lambda g=group: eigen_whitening(g.primary.gram,
                                                                                                eig_floor))
                 W = weights(name).detach().to(device=whitening.U.device, dtype=torch.float64)
-                sigma = torch.linalg.svdvals(W @ whitening.S)
-                r = rank_for_ratio(spec.out_features, spec.in_features, ratio)
-                losses[name] = float(sigma[r:].pow(2).sum().sqrt())
-            if len(losses) == len(wanted):
+                spectra[name] = (torch.linalg.svdvals(W @ whitening.S).cpu(), group.primary.tokens)
+            if wanted.keys() <= spectra.keys():
                 break
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-    missing = sorted(set(wanted) - set(losses))
+    missing = sorted(wanted.keys() - spectra.keys())
     if missing:
         raise ValueError(f"no statistics for {len(missing)} matrices, e.g. {missing[0]!r}")
+    return spectra
+
+
+def losses_from_spectra(matrices: list[MatrixSpec], ratio: float, spectra: dict[str, tuple[torch.Tensor, int]],
+                        loss_tokens: int | None = None) -> dict[str, float]:
+    """L_w = (Σ_{j>r} σ_j²)^½ at the uniform rank of `ratio`. With `loss_tokens`, each H is first
+    rescaled to that many tokens (L ∝ √tokens): log L, and so the allocation, depends on the Gram's
+    scale, which the paper leaves at its own 256 × 2048 calibration tokens."""
+    losses = {}
+    for spec in matrices:
+        sigma, tokens = spectra[spec.name]
+        r = rank_for_ratio(spec.out_features, spec.in_features, ratio)
+        scale = math.sqrt(loss_tokens / tokens) if loss_tokens else 1.0
+        losses[spec.name] = scale * float(sigma[r:].pow(2).sum().sqrt())
     return losses
+
+
+def truncation_losses(matrices: list[MatrixSpec], ratio: float, statistics: Callable[[], Iterator],
+                      weights: WeightFn, eig_floor: float = 1e-10, loss_tokens: int | None = None) -> dict[str, float]:
+    """L_w at the uniform rank of `ratio`, for each matrix in `matrices`, from the dense statistics."""
+    return losses_from_spectra(matrices, ratio, whitened_spectra(matrices, statistics, weights, eig_floor),
+                               loss_tokens)
 
 
 def _max_ratio(spec: MatrixSpec, max_ratio: float) -> float:
@@ -149,29 +172,21 @@ def ranks_from_ratios(matrices: list[MatrixSpec], ratios: dict[str, float], rati
     return {name: (r if r >= 1 else None) for name, r in ranks.items()}
 
 
-def allocate_v2(matrices: list[MatrixSpec], ratio: float, statistics: Callable[[], Iterator], weights: WeightFn,
-                min_ratio: float = 0.0, max_ratio: float = 1.0, eig_floor: float = 1e-10) -> tuple[Ranks, dict]:
-    """V2 ranks for `matrices` (any subset) at `ratio`; returns (ranks, diagnostics)."""
-    losses = truncation_losses(matrices, ratio, statistics, weights, eig_floor)
+def allocate_v2(matrices: list[MatrixSpec], ratio: float, statistics: Callable[[], Iterator] | None = None,
+                weights: WeightFn | None = None, min_ratio: float = 0.0, max_ratio: float = 1.0,
+                eig_floor: float = 1e-10, loss_tokens: int | None = None,
+                spectra: dict | None = None) -> tuple[Ranks, dict]:
+    """V2 ranks for `matrices` (any subset) at `ratio`; returns (ranks, diagnostics). `spectra`
+    (from `whitened_spectra`) replaces `statistics` and `weights`."""
+    if spectra is None:
+        if statistics is None or weights is None:
+            raise ValueError("allocate_v2 needs the spectra, or the statistics and the weights")
+        spectra = whitened_spectra(matrices, statistics, weights, eig_floor)
+    losses = losses_from_spectra(matrices, ratio, spectra, loss_tokens)
     ratios, diagnostics = ratios_from_losses(matrices, ratio, losses, min_ratio, max_ratio)
     ranks = finalize(matrices, ranks_from_ratios(matrices, ratios, ratio))
     diagnostics.update(losses=losses, ratios=ratios)
     return ranks, diagnostics
-
-
-def _weights_from_statistics_closure(statistics) -> WeightFn | None:
-    """Stopgap: ressvd.api passes allocators no weights yet, but its `statistics` callable closes
-    over the model. Used only when allocate() is not given `weights`."""
-    candidates = list(getattr(statistics, "args", ()))  # functools.partial
-    for cell in getattr(statistics, "__closure__", None) or ():
-        try:
-            candidates.append(cell.cell_contents)
-        except ValueError:
-            continue
-    for value in candidates:
-        if isinstance(value, nn.Module):
-            return lambda name, model=value: model.get_submodule(name).weight
-    return None
 
 
 @register_allocator
@@ -181,21 +196,31 @@ class V2Allocation(Allocator):
                "clamped and re-normalised to the exact budget")
     needs_statistics = True
 
-    def __init__(self, min_ratio: float = 0.0, max_ratio: float = 1.0, eig_floor: float = 1e-10):
+    def __init__(self, min_ratio: float = 0.0, max_ratio: float = 1.0, eig_floor: float = 1e-10,
+                 loss_tokens: int | None = None):
         self.min_ratio, self.max_ratio, self.eig_floor = float(min_ratio), float(max_ratio), float(eig_floor)
         if not 0 <= self.min_ratio < self.max_ratio <= 1:
             raise ValueError(f"need 0 <= min_ratio < max_ratio <= 1, got {min_ratio}, {max_ratio}")
+        if loss_tokens is not None and (not isinstance(loss_tokens, int) or loss_tokens < 1):
+            raise ValueError(f"loss_tokens must be a positive integer (e.g. 524288 = 256 x 2048), got {loss_tokens!r}")
+        self.loss_tokens = loss_tokens
         self.diagnostics: dict = {}
+        # Spectra per matrix name, reused while allocate() gets the same statistics and weights
+        # (the partial-layer search asks for many suffixes and ratios of one model).
+        self._spectra: dict[str, tuple[torch.Tensor, int]] = {}
+        self._spectra_source: tuple | None = None
 
     def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, statistics=None,
                  weights: WeightFn | None = None) -> Ranks:
         ratio = validate_ratio(ratio)
-        if statistics is None:
-            raise ValueError("the v2 allocation needs the dense statistics")
-        if weights is None:
-            weights = _weights_from_statistics_closure(statistics)
-        if weights is None:
-            raise ValueError("the v2 allocation needs the weights: pass allocate(..., weights=name -> tensor)")
-        ranks, self.diagnostics = allocate_v2(matrices, ratio, statistics, weights, self.min_ratio,
-                                              self.max_ratio, self.eig_floor)
+        if statistics is None or weights is None:
+            raise ValueError("the v2 allocation needs the dense statistics and the weights: "
+                             "allocate(..., statistics=..., weights=name -> tensor)")
+        if self._spectra_source != (statistics, weights):
+            self._spectra, self._spectra_source = {}, (statistics, weights)
+        missing = [m for m in matrices if m.name not in self._spectra]
+        if missing:  # one pass: keep every matrix streamed through, later calls may want them
+            self._spectra.update(whitened_spectra(missing, statistics, weights, self.eig_floor, passed_too=True))
+        ranks, self.diagnostics = allocate_v2(matrices, ratio, statistics, weights, self.min_ratio, self.max_ratio,
+                                              self.eig_floor, self.loss_tokens, spectra=self._spectra)
         return ranks

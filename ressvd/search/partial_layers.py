@@ -12,7 +12,9 @@ of the final hidden state alike, also those the LM head ignores. On the one case
 picked the same k (SmolLM2-135M, ratio 0.2; docs/BENCHMARKS.md, ResSVD ablation).
 
 Each candidate is fitted on a subset of the fit sequences (allocator.search_samples); the final
-compression with the chosen k uses all of them.
+compression with the chosen k uses all of them. One exception to "never saw": an inner allocator
+that reads dense statistics (v2) computes them once over every calibration sequence, held-out ones
+included, because the final allocation uses the same statistics.
 
 Candidates: a coarse grid over the feasible range, then midpoints around the best one until the
 neighbours are adjacent or the evaluation budget is spent.
@@ -99,9 +101,10 @@ def _next_token_nll(model, normed: list[torch.Tensor], ids: torch.Tensor) -> flo
 
 
 def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, allocator, ratio: float, options,
-                          matrices, progress: bool = True):
+                          matrices, progress: bool = True, statistics=None, weights=None):
     """Returns (best k, [SearchPoint...] sorted by k, LayerInputs of all calibration sequences
-    entering layer N−k, ready for the final compression)."""
+    entering layer N−k, ready for the final compression). `statistics` and `weights` reach an inner
+    allocator that reads the dense statistics (e.g. v2 inside the last k layers)."""
     layers = adapter.layers(model)
     num_layers = len(layers)
     n = calib_ids.shape[0]
@@ -132,7 +135,7 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
         start = num_layers - k
         backup = {i: copy.deepcopy(layers[i]) for i in range(start, num_layers)}
         try:
-            plan = CompressionPlan(allocator.ranks_for_k(matrices, ratio, num_layers, k))
+            plan = CompressionPlan(allocator.ranks_for_k(matrices, ratio, num_layers, k, statistics, weights))
             compress_layerwise(model, adapter, fit_ids, plan, method, quiet, inputs=search_cache.at(start))
             output = _final_normed(model, adapter, layers, held_cache.at(start), start)
             error = score(output)
