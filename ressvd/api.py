@@ -150,8 +150,9 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
             allocator.k = best
             search = {"k": best, "criterion": allocator.criterion, "curve": [p.to_dict() for p in curve]}
         search_seconds = time.perf_counter() - start
-        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), statistics=statistics,
-                                   weights=weights)
+        # only allocators that read statistics get them (older allocators take no `weights`)
+        inputs_for_allocation = {"statistics": statistics, "weights": weights} if allocator.needs_statistics else {}
+        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), **inputs_for_allocation)
         allocation_options = {**(allocation_options or {}), **({"k": search["k"]} if search else {})}
         allocation_details = dict(allocator.diagnostics) or None
         if workdir is not None:
