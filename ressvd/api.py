@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocation import get_allocator, validate_ratio
+from .allocation import allocation_inputs, get_allocator, validate_ratio
 from .calibration.engine import (CompressionPlan, EngineHooks, EngineOptions, LayerStore, compress_layerwise,
                                  iter_dense_statistics, streams_needed)
 from .data.calibration import sample_calibration
@@ -150,9 +150,8 @@ def compress(model: nn.Module, tokenizer=None, *, method: str = "svd-llm", ratio
             allocator.k = best
             search = {"k": best, "criterion": allocator.criterion, "curve": [p.to_dict() for p in curve]}
         search_seconds = time.perf_counter() - start
-        # only allocators that read statistics get them (older allocators take no `weights`)
-        inputs_for_allocation = {"statistics": statistics, "weights": weights} if allocator.needs_statistics else {}
-        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)), **inputs_for_allocation)
+        ranks = allocator.allocate(matrices, ratio, len(adapter.layers(model)),
+                                   **allocation_inputs(allocator, statistics, weights))
         allocation_options = {**(allocation_options or {}), **({"k": search["k"]} if search else {})}
         allocation_details = dict(allocator.diagnostics) or None
         if workdir is not None:

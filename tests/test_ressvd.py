@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import ressvd
-from ressvd.allocation import get_allocator, rank_for_ratio
+from ressvd.allocation import Allocator, get_allocator, rank_for_ratio, register_allocator
+from ressvd.allocation.base import finalize
 from ressvd.inspect import decoder_linears
 from ressvd.models import adapter_for
 from ressvd.modules import LowRankLinear
@@ -33,6 +34,23 @@ def test_partial_layer_keeps_the_prefix_dense_and_the_overall_ratio(tiny_llama):
     total = sum(m.dense_params for m in matrices)
     # floor rounding can only remove more than asked, and by less than one rank per matrix
     assert 0.25 <= removed / total < 0.25 + sum(m.out_features + m.in_features for m in matrices) / total
+
+
+@register_allocator
+class _HalfRank(Allocator):
+    """Test allocation written before `weights` existed: allocate() takes no `weights`."""
+    name = "test-half-rank"
+    summary = "test only"
+
+    def allocate(self, matrices, ratio, num_layers, statistics=None):
+        return finalize(matrices, {m.name: min(m.out_features, m.in_features) // 4 for m in matrices})
+
+
+def test_partial_layer_calls_an_inner_allocator_that_takes_no_weights(tiny_llama):
+    matrices = specs(tiny_llama)
+    ranks = get_allocator("partial-layer", k=2, inner=_HalfRank.name).allocate(matrices, 0.25, 4)
+    for m in matrices:
+        assert ranks[m.name] == (None if m.layer < 2 else min(m.out_features, m.in_features) // 4)
 
 
 def test_feasible_k_range_and_infeasible_k(tiny_llama):

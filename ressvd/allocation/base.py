@@ -36,6 +36,13 @@ class Allocator:
         raise NotImplementedError
 
 
+def allocation_inputs(allocator: Allocator, statistics: Callable[[], Iterator] | None,
+                      weights: Callable[[str], Any] | None) -> dict[str, Any]:
+    """The keyword arguments of allocate() beyond the matrices: the statistics and weights go only
+    to allocators that read them, so allocators written before `weights` existed keep working."""
+    return {"statistics": statistics, "weights": weights} if allocator.needs_statistics else {}
+
+
 def finalize(matrices: list[MatrixSpec], ranks: Ranks) -> Ranks:
     """Drop factorisations that would save nothing (r(m+n) >= mn or r < 1): keep those dense."""
     return {m.name: (ranks.get(m.name) if factorization_saves(ranks.get(m.name), m.out_features, m.in_features)

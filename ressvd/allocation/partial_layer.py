@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Allocator, Ranks, finalize, get_allocator, register_allocator
+from .base import Allocator, Ranks, allocation_inputs, finalize, get_allocator, register_allocator
 from .ranks import MatrixSpec
 
 
@@ -63,7 +63,7 @@ class PartialLayerAllocation(Allocator):
                              f"[{feasible[0]}, {num_layers}]")
         suffix = [m for m in matrices if m.layer >= num_layers - k]
         ranks = self.inner.allocate(suffix, self.layer_ratio(num_layers, ratio, k), num_layers,
-                                   statistics=statistics, weights=weights)
+                                    **allocation_inputs(self.inner, statistics, weights))
         return finalize(matrices, ranks)
 
     def allocate(self, matrices: list[MatrixSpec], ratio: float, num_layers: int, statistics=None,

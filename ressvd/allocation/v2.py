@@ -221,6 +221,6 @@ class V2Allocation(Allocator):
         missing = [m for m in matrices if m.name not in self._spectra]
         if missing:  # one pass: keep every matrix streamed through, later calls may want them
             self._spectra.update(whitened_spectra(missing, statistics, weights, self.eig_floor, passed_too=True))
-        ranks, self.diagnostics = allocate_v2(matrices, ratio, statistics, weights, self.min_ratio, self.max_ratio,
-                                              self.eig_floor, self.loss_tokens, spectra=self._spectra)
+        ranks, self.diagnostics = allocate_v2(matrices, ratio, min_ratio=self.min_ratio, max_ratio=self.max_ratio,
+                                              loss_tokens=self.loss_tokens, spectra=self._spectra)
         return ranks
