@@ -30,7 +30,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="option for the method, repeatable (e.g. --method-option residual=plain)")
     p.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for the allocation, repeatable (e.g. --allocation-option k=auto)")
-    p.add_argument("--calib", default="c4", help="calibration source: c4, ptb-train, wikitext2-train or a .txt/.jsonl")
+    p.add_argument("--calib", default="c4",
+                   help="calibration source: c4 (its calibration part), ptb-train, wikitext2-train (hub) or a .txt/.jsonl")
+    p.add_argument("--allow-test-calibration", action="store_true",
+                   help="allow a test or validation split as calibration text (refused otherwise; the report records it)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (paper setting: 256)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (paper setting: 2048)")
     p.add_argument("--seed", type=int, default=0)
@@ -48,6 +51,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "$RESSVD_CACHE_DIR or ~/.cache/ressvd/profiles), a directory, or 'none'")
     p.add_argument("--no-stream", action="store_true",
                    help="load a local safetensors model whole instead of one decoder layer at a time")
+    p.add_argument("--heal", default=None, metavar="HEALERS",
+                   help="heal the factors after compression: local, distill or local+distill (see `ressvd methods`)")
+    p.add_argument("--heal-option", action="append", default=[], metavar="HEALER:KEY=VALUE",
+                   help="option for a healer, repeatable (e.g. --heal-option local:epochs=4)")
     p.add_argument("--layout", choices=["separate", "fused"], default="separate",
                    help="fused: one stacked B factor per q/k/v and per gate/up group (fewer matmuls; "
                         "see docs/BENCHMARKS.md, speed)")
@@ -121,31 +128,41 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _compress(args) -> tuple[object, object, dict]:
-    from . import CalibrationSpec
-    from .allocation import get_allocator, validate_ratio
-    from .api import compress_checkpoint
-    from .methods import get_method
-    validate_ratio(args.ratio)  # bad arguments fail before minutes of model loading
+def build_plan(args):
+    """The RunPlan of `compress`/`run` from the command line: flags become the API's settings here,
+    and only here (the API and the work directory speak in RunPlan terms)."""
+    from .pipeline import CalibrationSpec, RunPlan
     method_options, allocation_options = parse_options(args.method_option), parse_options(args.allocation_option)
     if args.residual is not None:
         method_options["residual"] = args.residual
+    allocation = args.allocation
     if args.k is not None:
         allocation_options["k"] = args.k if args.k == "auto" else int(args.k)
-        args.allocation = args.allocation or "partial-layer"
-    method = get_method(args.method, **method_options)
-    get_allocator(args.allocation or method.default_allocation, **allocation_options)
-    record = compress_checkpoint(
-        args.model, args.out, method=args.method, ratio=args.ratio, allocation=args.allocation,
-        calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed), stats=args.stats,
-        sequential=args.sequential, device=_device(args.device), batch_size=args.batch_size,
-        method_options=method_options, allocation_options=allocation_options, restart=args.restart,
-        profile=None if args.profile == "none" else args.profile, stream=not args.no_stream)
+        allocation = allocation or "partial-layer"
+    heal_options: dict[str, dict] = {}
+    for pair in args.heal_option:
+        name, sep, rest = pair.partition(":")
+        if not sep:
+            raise ValueError(f"--heal-option takes HEALER:KEY=VALUE, got {pair!r}")
+        heal_options.setdefault(name, {}).update(parse_options([rest]))
+    return RunPlan.build(
+        method=args.method, ratio=args.ratio, method_options=method_options, allocation=allocation,
+        allocation_options=allocation_options, stats=args.stats, sequential=args.sequential,
+        calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed,
+                                    allow_test_split=args.allow_test_calibration),
+        heal=args.heal, heal_options=heal_options, device=args.device, batch_size=args.batch_size)
+
+
+def _compress(args, plan=None) -> dict:
+    """Compress into --out (streamed or whole; nothing stays in memory) and return the report."""
+    from .api import compress_checkpoint
+    plan = plan or build_plan(args)  # bad arguments fail before minutes of model loading
+    record = compress_checkpoint(args.model, args.out, plan=plan, restart=args.restart,
+                                 profile=None if args.profile == "none" else args.profile, stream=not args.no_stream)
     if args.layout == "fused":
-        from .modules.fused import fuse_checkpoint
+        from .checkpoint.fuse import fuse_checkpoint
         fuse_checkpoint(args.out)
-    model = tokenizer = None  # streamed or freed: the checkpoint is on disk
-    return model, tokenizer, record
+    return record
 
 
 def _perplexities(model, tokenizer, args) -> dict[str, float]:
@@ -154,12 +171,20 @@ def _perplexities(model, tokenizer, args) -> dict[str, float]:
             for name in args.datasets.split(",") if name}
 
 
+def _check_disjoint(calibration_source: str | None, args) -> None:
+    """Refuse, before any scoring, a perplexity dataset that shares text with the calibration text."""
+    from .data import check_evaluation_disjoint
+    for name in args.datasets.split(","):
+        if name:
+            check_evaluation_disjoint(calibration_source, name)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def cmd_compress(args) -> int:
-    _, _, record = _compress(args)
+    record = _compress(args)
     print(f"wrote {args.out}: ratio {record['achieved_ratio']['decoder_linears']:.4f} of decoder linears "
           f"({record['achieved_ratio']['whole_model']:.4f} of the model) in {record['seconds']['total']:.1f} s")
     return 0
@@ -167,7 +192,7 @@ def cmd_compress(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import load
-    from .inspect import total_params
+    from .counting import total_params
     tasks = None
     if args.datasets is None:
         args.datasets = "" if args.tasks else DEFAULT_DATASETS
@@ -178,6 +203,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load(args.model, device=_device(args.device), device_map=args.device_map)
     if tokenizer is None:
         raise ValueError(f"{args.model} holds no tokenizer; cannot evaluate perplexity")
+    _check_disjoint(((getattr(model.config, "ressvd", None) or {}).get("calibration") or {}).get("source"), args)
     results = {"model": str(args.model), "model_type": getattr(model.config, "model_type", None),
                "params": total_params(model), "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
                "ppl": _perplexities(model, tokenizer, args)}
@@ -195,7 +221,9 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     from . import load
-    from .inspect import total_params
+    from .counting import total_params
+    plan = build_plan(args)  # bad settings (a test split as calibration, say) fail before any loading
+    _check_disjoint(plan.calibration.source, args)
     dense, tokenizer = load(args.model)
     dense_ppl = _perplexities(dense, tokenizer, args)
     dense_params = total_params(dense)
@@ -203,7 +231,7 @@ def cmd_run(args) -> int:
         dense.save_pretrained(tmp)  # the dense model in the same dtype, to compare bytes on disk
         dense_bytes = dir_bytes(Path(tmp))
     del dense
-    _, _, record = _compress(args)
+    record = _compress(args, plan)
     compressed, tokenizer = load(args.out)  # evaluate what is on disk, not the in-memory copy
     comp_ppl = _perplexities(compressed, tokenizer, args)
     rows = [("dense", dense_ppl, dense_params, dense_bytes),
@@ -231,12 +259,16 @@ def cmd_run(args) -> int:
 
 def cmd_methods(args) -> int:
     from .allocation import available_allocators
+    from .heal import available_healers
     from .methods import available_methods
     print("methods:")
     for name, cls in available_methods().items():
         print(f"  {name:<20s} {cls.summary}")
     print("allocations:")
     for name, cls in available_allocators().items():
+        print(f"  {name:<20s} {cls.summary}")
+    print("healers (--heal):")
+    for name, cls in available_healers().items():
         print(f"  {name:<20s} {cls.summary}")
     return 0
 

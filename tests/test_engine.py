@@ -15,6 +15,7 @@ from ressvd.models import adapter_for
 from ressvd.modules import LowRankLinear
 
 from .conftest import clone
+from .float64 import assert_rel_close, float64_model
 
 
 def input_grams(model, names, ids):
@@ -46,18 +47,26 @@ def compressed_names(model):
 
 @pytest.mark.parametrize("stats,sequential", [("dense", False), ("compressed", True)])
 def test_each_linear_is_whitened_with_the_promised_inputs(tiny_model, calib_ids, stats, sequential):
-    dense = clone(tiny_model)
-    report = ressvd.compress(tiny_model, calibration=calib_ids, ratio=0.4, stats=stats, sequential=sequential,
+    # float64 (tests/float64.py): the identity is exact, but in float32 it failed on other machines.
+    # With sequential compressed statistics o_proj reads the output of the already-compressed v_proj,
+    # so its input Gram is exactly singular (cond ~1e16: rank 48 of 64 on Llama, 28 of 64 on Gemma-3),
+    # and whether Cholesky succeeds or needs a shift, and the whitening of the null directions, are
+    # then decided by rounding: the engine's batches of 5 and this test's single forward round
+    # differently on some SIMD paths. In float64 with float64 norms, across batch splits 1..12 and
+    # input perturbations up to 1e-13, the factors agreed to 3e-11 (o_proj) and 5e-13 (the rest).
+    model = float64_model(tiny_model)
+    dense = clone(model)
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.4, stats=stats, sequential=sequential,
                              batch_size=5, progress=False)
-    names = compressed_names(tiny_model)
-    assert len(names) == 7 * tiny_model.config.num_hidden_layers
-    source = dense if stats == "dense" else tiny_model
+    names = compressed_names(model)
+    assert len(names) == 7 * model.config.num_hidden_layers
+    assert all(model.get_submodule(n).A.weight.dtype == torch.float64 for n in names)
+    source = dense if stats == "dense" else model
     grams = input_grams(source, names, calib_ids)
     for name in names:
-        module = tiny_model.get_submodule(name)
         W = dense.get_submodule(name).weight
-        torch.testing.assert_close(module.weight.double(), expected_weight(W, report.ranks[name], grams[name]),
-                                   rtol=2e-4, atol=2e-5)
+        assert_rel_close(model.get_submodule(name).weight, expected_weight(W, report.ranks[name], grams[name]),
+                         1e-8, name)
 
 
 def test_dense_and_compressed_statistics_agree_on_layer_0_and_differ_later(tiny_llama, calib_ids):

@@ -62,7 +62,7 @@ def test_missing_data_dir_in_environment_is_an_error(tmp_path, monkeypatch):
 def test_source_without_local_file_or_hub_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("RESSVD_DATA", str(tmp_path))
     with pytest.raises(DatasetNotFoundError, match="c4"):
-        load_rows("c4")
+        load_rows("c4", role="evaluation")
 
 
 def test_unknown_dataset_name():
@@ -103,7 +103,11 @@ def test_wikitext2_rows_rebuild_the_hf_split():
 
 @needs_shared_data
 def test_shared_sources_load():
-    assert len(load_rows("c4")) == 2000
+    assert len(load_rows("c4-reference")) == 2000
+    assert [len(load_rows(name)) for name in ("c4-calib", "c4-val", "c4-test")] == [1000, 500, 500]
+    assert load_rows("c4", role="calibration") == load_rows("c4-calib")
+    assert load_rows("c4", role="evaluation") == load_rows("c4-reference")[1500:]
+    assert len(load_rows("ptb-valid")) == 3370
     assert len(load_rows("ptb")) == 3761
     assert len(load_rows("ptb-train")) == 42068
 

@@ -42,15 +42,19 @@ def test_cli_compress_then_eval(tiny_model_dir, text_file, tmp_path, capsys):
     assert {"capture", "statistics", "factorize", "save", "total"} <= set(report["seconds"])
     assert report["peak_memory_bytes"]["rss"] > 0
     assert (out / "tokenizer.json").exists()
-    assert main(["eval", str(out), "--datasets", str(text_file), "--seqlen", "16", "--max-windows", "3",
+    held_out = tmp_path / "held-out.txt"  # not the calibration file: `eval` refuses to score calibration text
+    held_out.write_text(" ".join(reversed(text_file.read_text().split())))
+    assert main(["eval", str(out), "--datasets", str(held_out), "--seqlen", "16", "--max-windows", "3",
                  "--json", str(tmp_path / "ppl.json")]) == 0
-    ppl = json.loads((tmp_path / "ppl.json").read_text())["ppl"][str(text_file)]
+    ppl = json.loads((tmp_path / "ppl.json").read_text())["ppl"][str(held_out)]
     assert math.isfinite(ppl) and ppl > 1
 
 
 def test_cli_run_prints_the_comparison_table(tiny_model_dir, text_file, tmp_path, capsys):
+    held_out = tmp_path / "held-out.txt"  # not the calibration file: `run` refuses to score calibration text
+    held_out.write_text(" ".join(reversed(text_file.read_text().split())))
     assert main(["run", str(tiny_model_dir), "--ratio", "0.4", "--calib", str(text_file), "--nsamples", "4",
-                 "--seqlen", "16", "--out", str(tmp_path / "ck"), "--datasets", str(text_file),
+                 "--seqlen", "16", "--out", str(tmp_path / "ck"), "--datasets", str(held_out),
                  "--eval-seqlen", "16", "--max-windows", "2", "--json", str(tmp_path / "run.json")]) == 0
     printed = capsys.readouterr().out
     assert "dense" in printed and "svd-llm @ 0.4" in printed and "bytes on disk" in printed

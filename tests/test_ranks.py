@@ -5,7 +5,7 @@ import torch
 
 import ressvd
 from ressvd.allocation import rank_for_ratio, validate_ratio
-from ressvd.inspect import decoder_linear_weight_params, decoder_linears, total_params
+from ressvd.counting import decoder_linear_weight_params, decoder_linears, total_params
 from ressvd.models import adapter_for
 
 

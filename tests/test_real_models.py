@@ -27,8 +27,8 @@ def smollm2():
 
 def test_calibration_sampler_follows_the_reference_protocol(smollm2):
     _, tokenizer = smollm2
-    windows = sample_calibration(tokenizer, "c4", nsamples=3, seqlen=512, seed=0)
-    documents = load_rows("c4")
+    windows = sample_calibration(tokenizer, "c4-reference", nsamples=3, seqlen=512, seed=0)
+    documents = load_rows("c4-reference")
     # reference-figures.md: the first three picks are (document, tokens, start)
     for window, (doc, length, start) in zip(windows, [(305, 1290, 692), (1026, 1276, 463), (581, 2623, 1511)]):
         ids = tokenizer(documents[doc])["input_ids"]
@@ -47,7 +47,7 @@ def test_svd_llm_matches_the_reference_figure_and_reloads(smollm2, tmp_path):
                                                                                                          rel=1e-3)
     model = copy.deepcopy(dense)
     report = ressvd.compress(model, tokenizer, method="svd-llm", ratio=0.2, stats="dense",
-                             calibration=CalibrationSpec("c4", 16, 512, 0), progress=False)
+                             calibration=CalibrationSpec("c4-reference", 16, 512, 0), progress=False)
     assert report.ranks["model.layers.0.self_attn.q_proj"] == 230
     assert report.ranks["model.layers.0.self_attn.k_proj"] == 115
     assert report.ranks["model.layers.0.mlp.down_proj"] == 335

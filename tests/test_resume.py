@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from ressvd.calibration import workdir as workdir_module
-from ressvd.calibration.workdir import KILL_ENV, WorkDir, WorkDirBusyError, work_dir_for
+from ressvd.calibration.workdir import WorkDir, WorkDirBusyError, work_dir_for
 from ressvd.checkpoint.format import REPORT_FILE as REPORT, content_hashes
 from ressvd.cli import main
 
@@ -35,6 +35,22 @@ def args(tiny_model_dir, text_file):
         return ["compress", str(tiny_model_dir), "--ratio", ratio, "--calib", str(text_file), "--nsamples", "6",
                 "--seqlen", "16", "--batch-size", "4", "--device", "cpu", "--out", str(out), *extra]
     return make
+
+
+# A `ressvd` process that SIGKILLs itself right after layer N is on disk (a deterministic
+# interruption; the hook lives here, not in production code): python -c KILLER N ARGS...
+KILLER = """
+import os, signal, sys
+from ressvd.calibration.workdir import WorkDir
+from ressvd.cli import main
+original = WorkDir.layer_done
+def layer_done(self, index, *rest):
+    original(self, index, *rest)
+    if index == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+WorkDir.layer_done = layer_done
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 class _Interrupt:
@@ -59,8 +75,7 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_identical_bytes(arg
     assert main(args(out, "--profile", "none", ratio="0.2")) == 0  # an older checkpoint at --out
     before = content_hashes(out)
 
-    env = {**os.environ, KILL_ENV: "1"}
-    killed = subprocess.run([sys.executable, "-m", "ressvd.cli", *args(out, "--profile", "none")], env=env,
+    killed = subprocess.run([sys.executable, "-c", KILLER, "1", *args(out, "--profile", "none")],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     assert content_hashes(out) == before  # the old checkpoint is untouched
@@ -104,10 +119,10 @@ def test_other_arguments_are_refused_naming_them_and_restart_discards(args, tmp_
     capsys.readouterr()
     assert main(args(out, "--seed", "3", ratio="0.5")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ressvd: error:") and "--ratio: 0.4 there, 0.5 now" in err and "--seed: 0 there, 3 now" in err
+    assert err.startswith("ressvd: error:") and "ratio: 0.4 there, 0.5 now" in err and "calibration seed: 0 there, 3 now" in err
     assert "--restart" in err and str(work_dir_for(out)) in err
     assert main(args(out, "--method-option", "eig_floor=1e-9", "--method", "svd-llm-v2")) == 2
-    assert "--method: svd-llm there, svd-llm-v2 now" in capsys.readouterr().err
+    assert "method: svd-llm there, svd-llm-v2 now" in capsys.readouterr().err
     assert main(args(out, "--restart", ratio="0.5")) == 0
     assert report(out)["resume"]["layers_reused"] == 0 and report(out)["ratio"] == 0.5
 
@@ -119,8 +134,8 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
     assert main(args(out, "--profile", "none", ratio="0.2")) == 0
     before = content_hashes(out)
 
-    from ressvd.calibration import profile as profile_module
-    real_save = profile_module.save_file
+    from ressvd import atomic as atomic_module
+    real_save = atomic_module.save_file
     calls = []
 
     def failing_save(tensors, filename, metadata=None):
@@ -131,7 +146,7 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(profile_module, "save_file", failing_save)
+    monkeypatch.setattr(atomic_module, "save_file", failing_save)
     assert main(args(out, "--profile", "none")) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert content_hashes(out) == before
@@ -144,7 +159,7 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_the_finished_layers(args, tmp
     # what a save killed between its two renames leaves: no --out, the old checkpoint renamed aside.
     os.replace(out, tmp_path / ".ck.old-999")
     (tmp_path / ".ck.partial-998").mkdir()
-    monkeypatch.setattr(profile_module, "save_file", real_save)
+    monkeypatch.setattr(atomic_module, "save_file", real_save)
     from ressvd.models import streaming
     real_shard = streaming.save_file
     monkeypatch.setattr(streaming, "save_file", lambda *a, **k: (_ for _ in ()).throw(
@@ -168,17 +183,17 @@ def test_the_same_command_twice_writes_identical_safetensors(args, tmp_path):
 
 
 def test_one_run_at_a_time_per_work_directory(tmp_path):
-    held = WorkDir(tmp_path / "ck.ressvd-work", {"--ratio": 0.2})
+    held = WorkDir(tmp_path / "ck.ressvd-work", {"ratio": 0.2}, "model.layers")
     with pytest.raises(WorkDirBusyError, match="another"):
-        WorkDir(tmp_path / "ck.ressvd-work", {"--ratio": 0.2})
+        WorkDir(tmp_path / "ck.ressvd-work", {"ratio": 0.2}, "model.layers")
     held.close()
-    again = WorkDir(tmp_path / "ck.ressvd-work", {"--ratio": 0.2})
+    again = WorkDir(tmp_path / "ck.ressvd-work", {"ratio": 0.2}, "model.layers")
     again.finish()
     assert not (tmp_path / "ck.ressvd-work").exists()
 
 
 def test_argument_differences_name_options_key_by_key():
     diffs = workdir_module.argument_differences(
-        {"--ratio": 0.2, "--method-option": {"residual": "plain"}, "--stats": None},
-        {"--ratio": 0.2, "--method-option": {"residual": "same"}, "--stats": "dense"})
-    assert diffs == ["--method-option residual: plain there, same now", "--stats: unset there, dense now"]
+        {"ratio": 0.2, "method_options": {"residual": "plain"}, "stats": None},
+        {"ratio": 0.2, "method_options": {"residual": "same"}, "stats": "dense"})
+    assert diffs == ["method_options residual: plain there, same now", "stats: unset there, dense now"]

@@ -12,7 +12,7 @@ from ressvd.allocation.v2 import allocate_v2, ratios_from_losses, truncation_los
 from ressvd.calibration.engine import EngineOptions, iter_dense_statistics
 from ressvd.calibration.stats import GroupStats, InputStats
 from ressvd.cli import main
-from ressvd.inspect import decoder_linears
+from ressvd.counting import decoder_linears
 from ressvd.methods import DecompositionError, get_method
 from ressvd.methods.fwsvd import fisher_reductions
 from ressvd.methods.linalg import eigen_whitening

@@ -7,12 +7,56 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from .ranks import MatrixSpec, factorization_saves
 
 Ranks = dict[str, "int | None"]
+
+
+@dataclass
+class AllocationContext:
+    """What an allocator may read: the matrices, the budget, and for allocators that look at the
+    model (statistics, a search on calibration data) the model and the run's method and engine
+    options. `statistics` and `weights` are None unless the allocator `needs_statistics`."""
+
+    matrices: list[MatrixSpec]
+    ratio: float
+    num_layers: int
+    model: Any = None
+    adapter: Any = None
+    calib_ids: Any = None
+    method: Any = None
+    options: Any = None  # ressvd.calibration.engine.EngineOptions
+    statistics: Callable[[], Iterator] | None = None
+    weights: Callable[[str], Any] | None = None
+    progress: bool = True
+
+
+@dataclass
+class AllocationResult:
+    """The allocate stage's output, kept in the work directory so a resumed run reuses it.
+
+    ranks: per decoder linear (None keeps it dense). resolved_options: options the allocation
+    settled while running (a searched k), recorded beside the options that were asked for.
+    search: a search's record (chosen k, criterion, curve). details: diagnostics (V2's losses).
+    start_inputs: cached hidden states a search leaves for the compression to start from (not saved)."""
+
+    ranks: Ranks
+    resolved_options: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] | None = None
+    details: dict[str, Any] | None = None
+    start_inputs: Any = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"ranks": self.ranks, "resolved_options": self.resolved_options, "search": self.search,
+                "details": self.details}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "AllocationResult":
+        return cls(record["ranks"], record.get("resolved_options") or {}, record.get("search"), record.get("details"))
 
 
 class Allocator:
@@ -35,6 +79,25 @@ class Allocator:
                  weights: Callable[[str], Any] | None = None) -> Ranks:
         raise NotImplementedError
 
+    def resolve(self, context: AllocationContext) -> AllocationResult:
+        """The allocate stage calls this. Default: allocate() on the context; an allocator that
+        searches (partial-layer with k="auto") overrides it and returns what it settled."""
+        ranks = self.allocate(context.matrices, context.ratio, context.num_layers,
+                              **allocation_inputs(self, context.statistics, context.weights))
+        return AllocationResult(ranks, details=dict(self.diagnostics) or None)
+
+    @property
+    def whole_model_reason(self) -> str | None:
+        """Why this allocation needs the whole model in memory (None: layer streaming works)."""
+        if self.needs_statistics:
+            return f"allocation {self.name!r} reads the dense statistics and weights before compression"
+        return None
+
+    @property
+    def profile_reason(self) -> str | None:
+        """Why this allocation cannot use cached dense statistics (None: it can)."""
+        return None
+
 
 def allocation_inputs(allocator: Allocator, statistics: Callable[[], Iterator] | None,
                       weights: Callable[[str], Any] | None) -> dict[str, Any]:
@@ -53,6 +116,8 @@ _REGISTRY: dict[str, type[Allocator]] = {}
 
 
 def register_allocator(cls: type[Allocator]) -> type[Allocator]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"allocation name {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 

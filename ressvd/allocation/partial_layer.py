@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from .base import Allocator, Ranks, allocation_inputs, finalize, get_allocator, register_allocator
+from .base import (AllocationContext, AllocationResult, Allocator, Ranks, allocation_inputs, finalize, get_allocator,
+                   register_allocator)
 from .ranks import MatrixSpec
 
 
@@ -46,6 +47,32 @@ class PartialLayerAllocation(Allocator):
     @property
     def needs_search(self) -> bool:
         return self.k == "auto"
+
+    @property
+    def whole_model_reason(self) -> str | None:
+        return "the partial-layer k search runs the whole model" if self.needs_search else self.inner.whole_model_reason
+
+    @property
+    def profile_reason(self) -> str | None:
+        # each candidate is fitted on a subset of the calibration set, which no profile holds
+        return "the partial-layer k search fits candidates on subsets of the calibration set" \
+            if self.needs_search else self.inner.profile_reason
+
+    def resolve(self, context: AllocationContext) -> AllocationResult:
+        """With k="auto", search k on calibration data (ressvd.search.partial_layers) and return the
+        chosen k with the ranks; the allocator itself is not changed."""
+        if not self.needs_search:
+            return super().resolve(context)
+        from ..search import search_partial_layers
+        best, curve, inputs = search_partial_layers(context.model, context.adapter, context.calib_ids, context.method,
+                                                    self, context.ratio, context.options, context.matrices,
+                                                    progress=context.progress, statistics=context.statistics,
+                                                    weights=context.weights)
+        ranks = self.ranks_for_k(context.matrices, context.ratio, context.num_layers, best, context.statistics,
+                                 context.weights)
+        return AllocationResult(ranks, resolved_options={"k": best},
+                                search={"k": best, "criterion": self.criterion, "curve": [p.to_dict() for p in curve]},
+                                details=dict(self.diagnostics) or None, start_inputs=inputs)
 
     def feasible_ks(self, num_layers: int, ratio: float) -> list[int]:
         k_min = max(1, math.ceil(num_layers * ratio / self.max_layer_ratio - 1e-9))

@@ -20,29 +20,6 @@ def map_tensors(obj, fn):
 
 
 @torch.no_grad()
-def capture_layer_kwargs(model: nn.Module, layers: nn.ModuleList, sample: torch.Tensor) -> list[dict]:
-    """The keyword arguments (masks, rotary embeddings, ...) each decoder layer receives.
-
-    They depend on the sequence shape, not on the tokens, and may differ per layer (Gemma-3 mixes
-    sliding-window and global attention), so one forward of a single sample records all of them.
-    """
-    recorded: list[dict | None] = [None] * len(layers)
-
-    def recorder(index):
-        def hook(module, args, kwargs):
-            recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return hook
-
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model(sample[:1], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return recorded
-
-
-@torch.no_grad()
 def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor,
                                batch_size: int) -> list[torch.Tensor]:
     """Hidden states entering layer 0 for every calibration batch; the forward stops there."""

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..methods.base import CompressionMethod
+from ..methods.linalg import DecompositionError
 from ..models.registry import ArchitectureAdapter
 from ..modules.lowrank import LowRankLinear
 from ..modules.replace import replace_submodule
@@ -61,6 +62,7 @@ class Resumed:
     first: int  # the first layer still to do
     hidden: dict[str, list[torch.Tensor]] | None  # per stream, the hidden states entering `first`
     modules: dict[str, dict]  # EngineResult.modules of the layers already done
+    healing: dict[str, dict] = field(default_factory=dict)  # EngineResult.healing of the layers already done
 
 
 class LayerCheckpoint(Protocol):
@@ -71,7 +73,7 @@ class LayerCheckpoint(Protocol):
         need_hidden: the run propagates activations and can only resume where they were saved."""
 
     def layer_done(self, index: int, layer: nn.Module, hidden: dict[str, list[torch.Tensor]] | None,
-                   modules: dict[str, dict]) -> None: ...
+                   modules: dict[str, dict], healing: dict | None = None) -> None: ...
 
 
 @dataclass
@@ -123,12 +125,16 @@ class EngineResult:
                                                                "factorize": 0.0, "propagate": 0.0})
     final_hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)  # after the last layer
     first_layer: int = 0  # the layer this call started at (> 0 when resumed)
+    healing: dict[str, dict] = field(default_factory=dict)  # per healed layer: the layer-scope healer's record
     profile: str | None = None  # "read" (statistics from a profile, no forward pass), "written" or None
 
 
-def streams_needed(method: CompressionMethod, options: EngineOptions) -> list[str]:
-    """The activation streams a run computes, in STREAMS order."""
+def streams_needed(method: CompressionMethod, options: EngineOptions, healer=None) -> list[str]:
+    """The activation streams a run computes, in STREAMS order. A layer-scope healer needs both:
+    it fits the compressed stream's inputs to the dense stream's outputs."""
     wanted = {options.stats} | (set(method.streams) - {"primary"})
+    if healer is not None:
+        wanted |= {"dense", "compressed"}
     return [s for s in STREAMS if s in wanted]
 
 
@@ -329,72 +335,77 @@ def propagate_dense(layers: nn.ModuleList, inputs: LayerInputs, stop: int, optio
 
 def compress_layerwise(model: nn.Module, adapter: ArchitectureAdapter, calib_ids: torch.Tensor,
                        plan: CompressionPlan, method: CompressionMethod, options: EngineOptions,
-                       inputs: LayerInputs | None = None, hooks: EngineHooks | None = None) -> EngineResult:
-    """Compress the layers from `inputs.start` on (all of them when `inputs` is None).
+                       inputs: LayerInputs | None = None, hooks: EngineHooks | None = None,
+                       healer=None) -> EngineResult:
+    """Compress the decoder layers, one at a time, in one loop.
 
-    Both streams start from the same hidden states: layers before `inputs.start` are taken to be
-    dense (partial-layer compression caches them once and reuses them for every candidate k).
-    `hooks` (optional) stream the layers from disk, cache the dense statistics in a profile and
-    checkpoint every finished layer; see EngineHooks.
+    Where the loop starts and what it starts from is decided once, up front:
+    - `inputs` given: from layer `inputs.start` with those cached hidden states; the layers before
+      it are taken to be dense (partial-layer compression caches them once for every candidate k).
+    - a checkpoint hook that holds finished layers: where the interrupted run stopped, with the
+      hidden states it saved (refused together with `inputs`: a resumed run never re-searches).
+    - otherwise from layer 0, with the calibration batches' hidden states captured here.
+    When every statistic the run needs is the dense model's (one stream, "dense") and a complete
+    profile holds them, no forward pass runs at all: each layer is factorised from the profile.
+    A layer-scope `healer` (ressvd.heal) refines each factorised layer on the compressed stream's
+    inputs against the dense layer's outputs before the compressed stream moves on.
     """
     hooks = hooks or EngineHooks()
     result = EngineResult()
     layers = adapter.layers(model)
-    streams = streams_needed(method, options)
+    streams = streams_needed(method, options, healer)
     checkpoint = hooks.checkpoint
-    # Dense-only statistics do not depend on the plan or on the compressed prefix: a profile holds them.
-    profile = hooks.profile if inputs is None and streams == ["dense"] else None
-
-    if profile is not None and profile.complete:
-        result.profile = "read"
-        resumed = checkpoint.resume(layers, False, options.device) if checkpoint is not None else None
-        first = resumed.first if resumed is not None else 0
-        if resumed is not None:
-            result.modules.update(resumed.modules)
-        result.first_layer = first
-        bar = tqdm(range(first, len(layers)), desc=f"compress ({method.name}, profile)",
-                   disable=not options.progress, unit="layer")
-        for index in bar:
-            with _layer_on_device(index, layers[index], options, hooks) as layer:
-                start = time.perf_counter()
-                per_group = {g: _stats_on(s, options.device) for g, s in profile.get(index).items()}
-                stats = {g: GroupStats(primary=s, dense=s) for g, s in per_group.items()}
-                _factorize_groups(index, layer, stats, adapter, plan, method, result)
-                result.seconds["factorize"] += time.perf_counter() - start
-                if checkpoint is not None:
-                    checkpoint.layer_done(index, layer, None, _layer_modules(result, adapter, index))
-        return result
+    # Dense-only statistics do not depend on the plan or on the compressed prefix: a profile holds
+    # them, for every layer from 0 (a run that starts from cached inputs further on cannot fill one).
+    profile = hooks.profile if streams == ["dense"] and inputs is None else None
+    from_profile = profile is not None and profile.complete
+    result.profile = "read" if from_profile else "written" if profile is not None else None
 
     start = time.perf_counter()
-    resumed = checkpoint.resume(layers, True, options.device) if checkpoint is not None and inputs is None else None
+    resumed = checkpoint.resume(layers, not from_profile, options.device) if checkpoint is not None else None
+    if resumed is not None and inputs is not None:
+        raise ValueError("a resumed run continues from its saved layers; it cannot also start from cached inputs")
+    hidden: dict[str, list[torch.Tensor]] | None = None
     if resumed is not None:
         first, hidden = resumed.first, resumed.hidden
         result.modules.update(resumed.modules)
-        kwargs, _ = _capture(model, adapter, calib_ids, options, hooks, first_inputs=False)
-        inputs = LayerInputs(kwargs, [], first)
+        result.healing.update(resumed.healing)
+        kwargs = None if from_profile else _capture(model, adapter, calib_ids, options, hooks, first_inputs=False)[0]
+    elif inputs is not None:
+        first, kwargs, entering = inputs.start, inputs.kwargs, inputs.hidden
+    elif from_profile:
+        first, kwargs = 0, None
     else:
-        if inputs is None:
-            kwargs, first_hidden = _capture(model, adapter, calib_ids, options, hooks)
-            inputs = LayerInputs(kwargs, first_hidden)
-        entering = inputs.hidden
+        kwargs, entering = _capture(model, adapter, calib_ids, options, hooks)
+        first = 0
+    if resumed is None and not from_profile:
+        # the streams start from the same hidden states; each gets its own tensors
         hidden = {s: entering if i == 0 else [h.clone() for h in entering] for i, s in enumerate(streams)}
-    result.first_layer = inputs.start
-    result.seconds["capture"] += time.perf_counter() - start
-    if profile is not None:
-        result.profile = "written"
+    result.first_layer = first
+    if not from_profile:  # served from a profile: nothing is captured, no forward pass runs
+        result.seconds["capture"] += time.perf_counter() - start
 
-    bar = tqdm(range(inputs.start, len(layers)), desc=f"compress ({method.name})", disable=not options.progress,
+    suffix = ", profile" if from_profile else ""
+    bar = tqdm(range(first, len(layers)), desc=f"compress ({method.name}{suffix})", disable=not options.progress,
                unit="layer")
     for index in bar:
         with _layer_on_device(index, layers[index], options, hooks) as layer:
-            dense_stats = {} if profile is not None else None
-            hidden = _compress_one_layer(index, layer, inputs.kwargs[index], hidden, streams, adapter, plan, method,
-                                         options, result, dense_stats)
-            if profile is not None:
-                profile.put(index, dense_stats)
+            if from_profile:
+                start = time.perf_counter()
+                per_group = {g: _stats_on(s, options.device) for g, s in profile.get(index).items()}
+                _factorize_groups(index, layer, {g: GroupStats(primary=s, dense=s) for g, s in per_group.items()},
+                                  adapter, plan, method, result)
+                result.seconds["factorize"] += time.perf_counter() - start
+            else:
+                dense_stats = {} if profile is not None else None
+                hidden = _compress_one_layer(index, layer, kwargs[index], hidden, streams, adapter, plan, method,
+                                             options, result, dense_stats, healer)
+                if profile is not None:
+                    profile.put(index, dense_stats)
             if checkpoint is not None:
-                checkpoint.layer_done(index, layer, hidden, _layer_modules(result, adapter, index))
-    result.final_hidden = hidden
+                checkpoint.layer_done(index, layer, hidden, _layer_modules(result, adapter, index),
+                                      result.healing.get(f"{adapter.layers_path}.{index}"))
+    result.final_hidden = hidden or {}
     return result
 
 
@@ -418,6 +429,10 @@ def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan,
             linear = layer.get_submodule(name)
             weight = linear.weight.detach().to(torch.float64)
             factors = method.factorize(weight, plan.rank(full), group_stats, name=full)
+            if not (torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()):
+                # caught here, at the layer that made it, not as non-finite logits at evaluation
+                raise DecompositionError(f"{full}: method {method.name!r} produced non-finite factors "
+                                         f"at rank {plan.rank(full)}")
             bias = linear.bias.detach() if linear.bias is not None else None
             replace_submodule(layer, name, LowRankLinear.from_factors(
                 factors.A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))
@@ -426,9 +441,11 @@ def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan,
 
 @torch.no_grad()
 def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, method, options, result,
-                        dense_stats: dict | None = None):
+                        dense_stats: dict | None = None, healer=None):
     """dense_stats: when a dict (dense stream alone), it receives the InputStats of every input
-    group of the layer, compressed or not, for a calibration profile."""
+    group of the layer, compressed or not, for a calibration profile. healer: a layer-scope healer,
+    called once the layer is factorised (inputs: the compressed stream; targets: the dense layer's
+    outputs on the dense stream)."""
     prefix = f"{adapter.layers_path}.{index}."
     todo = [[name for name in group if plan.rank(prefix + name) is not None] for group in adapter.input_groups]
     active = [g for g, names in enumerate(todo) if names]
@@ -477,6 +494,13 @@ def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, me
                           adapter, plan, method, result)
         del collector
         result.seconds["factorize"] += time.perf_counter() - start
+
+    if healer is not None and active:
+        start = time.perf_counter()
+        record = healer.heal_layer(layer, hidden["compressed"], next_hidden["dense"], kwargs,
+                                   name=f"{adapter.layers_path}.{index}")
+        result.healing[f"{adapter.layers_path}.{index}"] = record
+        result.seconds["heal"] = result.seconds.get("heal", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
     if "compressed" in streams:

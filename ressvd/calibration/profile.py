@@ -27,8 +27,8 @@ from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..atomic import save_tensors_atomic, write_text_atomic
 from .stats import InputStats
 
 PROFILE_FORMAT = 1
@@ -130,26 +130,6 @@ def describe_differences(stored: dict, wanted: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- profile
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class CalibrationProfile:
     """Dense statistics of one model under one calibration setting (see the module docstring)."""
 
@@ -180,7 +160,7 @@ class CalibrationProfile:
             if path.exists() and any(path.iterdir()):
                 raise ProfileMismatchError(f"{path} exists and is not a calibration profile (no {PROFILE_FILE})")
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(meta_file, json.dumps({**record, "complete": False}, indent=2))
+            write_text_atomic(meta_file, json.dumps({**record, "complete": False}, indent=2))
         return cls(path, key, num_layers, groups)
 
     def layer_file(self, index: int) -> Path:
@@ -211,11 +191,8 @@ class CalibrationProfile:
             tensors[f"{g}.gram"] = s.gram
             tensors[f"{g}.abs_sum"] = s.abs_sum
         tokens = json.dumps({str(g): s.tokens for g, s in stats.items()})
-        _atomic_save(tensors, self.layer_file(index), {"tokens": tokens, "group_names": json.dumps(self.groups)})
+        save_tensors_atomic(tensors, self.layer_file(index), {"tokens": tokens, "group_names": json.dumps(self.groups)})
         self.writes += 1
         if not self._complete and self.complete:  # the last missing layer: mark the profile complete
-            _atomic_write_text(self.path / PROFILE_FILE, json.dumps(
+            write_text_atomic(self.path / PROFILE_FILE, json.dumps(
                 {"key": self.key, "num_layers": self.num_layers, "groups": self.groups, "complete": True}, indent=2))
-
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.glob("layer-*.safetensors"))

@@ -1,12 +1,15 @@
 """The work directory of a resumable `ressvd compress`: OUT.ressvd-work, beside --out.
 
 What it holds:
-- run.json: the arguments of the run (resolved: method defaults filled in) and a fingerprint of
-  the model weights. Another command over the same work directory is refused, naming the
-  argument that differs; `--restart` discards the old work.
-- plan.json: the ranks (and the partial-layer search result) once allocation is done.
-- layers/NNNNN.safetensors (+ .json): every finished decoder layer, complete (factors and the
-  tensors it keeps dense), under its full checkpoint names; the .json holds the per-module report.
+- run.json: the run's record (ressvd.pipeline.RunPlan.record: method, ratio, allocation, statistics,
+  calibration, healing, ..., all resolved) with the model source and a fingerprint of its weights.
+  Another run over the same work directory is refused, naming the setting that differs;
+  `--restart` discards the old work.
+- plan.json: the allocation result (ranks, and for a search the chosen k and its curve) once
+  allocation is done.
+- layers/NNNNN.safetensors (+ .json, + .heal.json): every finished decoder layer, complete (factors
+  and the tensors it keeps dense), under its full checkpoint names; the .json holds the per-module
+  report, the .heal.json the layer-scope healer's record.
 - hidden.safetensors: the hidden states (per stream and calibration batch) leaving the last
   finished layer, when the run propagates activations. Only the latest is kept.
 - lock: an flock held while a run uses the directory (two runs at once are refused).
@@ -20,9 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,13 @@ from safetensors import safe_open
 from torch import nn
 
 from .engine import Resumed
-from .profile import _atomic_save, _atomic_write_text
+from ..atomic import save_tensors_atomic, write_text_atomic
 
 WORK_SUFFIX = ".ressvd-work"
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 HIDDEN_FILE = "hidden.safetensors"
 LOCK_FILE = "lock"
-# Testing aid: SIGKILL this process right after layer N is on disk (deterministic interruption).
-KILL_ENV = "RESSVD_TEST_KILL_AFTER_LAYER"
 
 
 class RunMismatchError(ValueError):
@@ -85,13 +84,14 @@ def argument_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 class WorkDir:
-    """See the module docstring. `args` is the run record compared against an earlier run's."""
+    """See the module docstring. `record` is the run record compared against an earlier run's;
+    `layers_path` is where the architecture keeps its decoder layers (ArchitectureAdapter.layers_path),
+    under which the finished layers' tensors are named."""
 
-    def __init__(self, path: str | Path, args: dict[str, Any], restart: bool = False,
-                 layers_path: str = "model.layers"):
+    def __init__(self, path: str | Path, record: dict[str, Any], layers_path: str, restart: bool = False):
         self.path = Path(path)
         self.layers_path = layers_path
-        self.args = _normalised(args)
+        self.args = _normalised(record)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / LOCK_FILE, "a+")
         try:
@@ -108,12 +108,12 @@ class WorkDir:
                 diffs = argument_differences(stored, self.args)
                 if diffs:
                     raise RunMismatchError(
-                        f"{self.path} holds an unfinished run with other arguments ({'; '.join(diffs)}). "
+                        f"{self.path} holds an unfinished run with other settings ({'; '.join(diffs)}). "
                         f"Run that command again to resume it, or add --restart to discard it.")
                 self.resuming = True
             else:  # nothing finished to lose: this run takes the directory over
                 self._clear()
-                _atomic_write_text(run_file, json.dumps(self.args, indent=2, sort_keys=True))
+                write_text_atomic(run_file, json.dumps(self.args, indent=2, sort_keys=True))
                 self.resuming = False
         except BaseException:
             self.close()
@@ -156,7 +156,7 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def save_plan(self, plan: dict[str, Any]) -> None:
-        _atomic_write_text(self.path / PLAN_FILE, json.dumps(_normalised(plan), indent=2))
+        write_text_atomic(self.path / PLAN_FILE, json.dumps(_normalised(plan), indent=2))
 
     def load_plan(self) -> dict[str, Any] | None:
         """The plan of the interrupted run, when it got as far as finishing a layer."""
@@ -171,6 +171,9 @@ class WorkDir:
     def layer_info(self, index: int) -> dict[str, dict]:
         return json.loads(self.layer_file(index).with_suffix(".json").read_text())
 
+    def heal_file(self, index: int) -> Path:
+        return self.layer_file(index).with_suffix(".heal.json")
+
     def done_count(self) -> int:
         count = 0
         while self.layer_file(count).exists():
@@ -179,19 +182,19 @@ class WorkDir:
 
     # ------------------------------------------------------------------ engine checkpoint protocol
     def layer_done(self, index: int, layer: nn.Module, hidden: dict[str, list[torch.Tensor]] | None,
-                   modules: dict[str, dict]) -> None:
+                   modules: dict[str, dict], healing: dict | None = None) -> None:
         prefix = f"{self.layers_path}.{index}."
         file = self.layer_file(index)
-        _atomic_write_text(file.with_suffix(".json"), json.dumps(_normalised(modules), indent=2, sort_keys=True))
-        _atomic_save({prefix + k: v for k, v in layer.state_dict().items()}, file, {"format": "pt"})
+        if healing is not None:  # before the layer file: a layer on disk always has its record
+            write_text_atomic(self.heal_file(index), json.dumps(_normalised(healing), indent=2, sort_keys=True))
+        write_text_atomic(file.with_suffix(".json"), json.dumps(_normalised(modules), indent=2, sort_keys=True))
+        save_tensors_atomic({prefix + k: v for k, v in layer.state_dict().items()}, file, {"format": "pt"})
         if hidden is not None:
             streams = list(hidden)
             tensors = {f"{s}.{b}": h for s in streams for b, h in enumerate(hidden[s])}
-            _atomic_save(tensors, self.path / HIDDEN_FILE, {
+            save_tensors_atomic(tensors, self.path / HIDDEN_FILE, {
                 "next": str(index + 1), "streams": json.dumps(streams), "batches": str(len(hidden[streams[0]]))})
         self.layers_written.append(index)
-        if os.environ.get(KILL_ENV) == str(index):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def resume(self, layers: nn.ModuleList, need_hidden: bool, device) -> Resumed | None:
         if not self.resuming:
@@ -211,13 +214,16 @@ class WorkDir:
         if first == 0:
             return None
         modules: dict[str, dict] = {}
+        healing: dict[str, dict] = {}
         for index in range(first):
             if self.layer_file(index).exists():  # a partial-layer run leaves its dense prefix out
                 info = self.layer_info(index)
                 self._restore(index, layers[index], info)
                 modules.update(info)
+                if self.heal_file(index).exists():
+                    healing[f"{self.layers_path}.{index}"] = json.loads(self.heal_file(index).read_text())
         self.layers_reused = first
-        return Resumed(first, hidden, modules)
+        return Resumed(first, hidden, modules, healing)
 
     def _restore(self, index: int, layer: nn.Module, info: dict[str, dict]) -> None:
         """Give `layer` the low-rank structure of the finished layer and, unless it lives on the

@@ -48,14 +48,10 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
 
 
 def validate_record(record, path) -> dict[str, int]:
-    """Check the `ressvd` block and return its ranks; raise CorruptCheckpointError otherwise."""
-    if not isinstance(record, dict):
-        raise CorruptCheckpointError(f"{path}: config.json '{CONFIG_KEY}' block is not a mapping")
-    version = record.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{path}: checkpoint format version {version!r}, this ressvd reads version {FORMAT_VERSION}")
-    ranks = record.get("ranks")
-    if not isinstance(ranks, dict) or not all(isinstance(r, int) and r >= 1 for r in ranks.values()):
-        raise CorruptCheckpointError(f"{path}: config.json '{CONFIG_KEY}.ranks' must map module names to ranks >= 1")
-    return ranks
+    """Check the `ressvd` block and return its ranks; raise CorruptCheckpointError naming `path` otherwise."""
+    from .runtime import check_record  # the validator the checkpoint's own modeling file carries
+
+    try:
+        return check_record(record, ValueError, FORMAT_VERSION)
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{path}: {err}") from None

@@ -23,7 +23,7 @@ AUTO_CLASS = "AutoModelForCausalLM"
 
 # What the modeling file holds, in order; each is copied from its ressvd source.
 _EMBEDDED = (lowrank.LowRankLinear, fused.FusedLowRankGroup, fused.FusedLowRankMember, fused.group_module_name,
-             fused.validate_layout, fused.fuse_group, runtime.swap_in_lowrank, runtime.apply_record,
+             fused.validate_layout, fused.fuse_group, runtime.swap_in_lowrank, runtime.check_record, runtime.apply_record,
              runtime.CompressedModelMixin)
 
 _HEADER = '''\

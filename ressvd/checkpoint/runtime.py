@@ -32,8 +32,9 @@ def swap_in_lowrank(model: nn.Module, ranks: dict[str, int], error: type[Excepti
                                              device=linear.weight.device))
 
 
-def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, format_version: int = 1) -> None:
-    """Swap in the LowRankLinear modules (and fused groups) that a `ressvd` record names."""
+def check_record(record, error: type[Exception] = ValueError, format_version: int = 1) -> dict[str, int]:
+    """The one validator of a `ressvd` record (both loaders and ressvd.checkpoint.format use it):
+    a mapping of the right format version whose ranks map module names to ranks >= 1. Returns the ranks."""
     if not isinstance(record, dict):
         raise error("config.json has no 'ressvd' mapping, so the low-rank structure is unknown "
                     "(a dense model built from it would hold random weights)")
@@ -44,6 +45,12 @@ def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, 
     if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                                               for r in ranks.values()):
         raise error("config.json 'ressvd.ranks' must map module names to ranks >= 1")
+    return ranks
+
+
+def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, format_version: int = 1) -> None:
+    """Swap in the LowRankLinear modules (and fused groups) that a `ressvd` record names."""
+    ranks = check_record(record, error, format_version)
     groups = validate_layout(record, ranks, error)
     swap_in_lowrank(model, ranks, error)
     for names in groups:

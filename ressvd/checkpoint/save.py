@@ -7,27 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
-
-from .format import CONFIG_KEY, REPORT_FILE, CorruptCheckpointError, is_compressed_checkpoint
+from .format import CONFIG_KEY, REPORT_FILE, is_compressed_checkpoint
 from .remote_code import write_remote_code
-
-
-def _verify(directory: Path, model) -> None:
-    """Every tensor the model holds is on disk with its shape (tied copies may be stored once)."""
-    stored: dict[str, tuple] = {}
-    for file in directory.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                stored[key] = tuple(f.get_slice(key).get_shape())
-    expected = {k: (tuple(v.shape), v.data_ptr()) for k, v in model.state_dict().items()}
-    stored_ptrs = {expected[k][1] for k in stored if k in expected}
-    for key, (shape, ptr) in expected.items():
-        if key in stored:
-            if stored[key] != shape:
-                raise CorruptCheckpointError(f"saved {key} has shape {stored[key]}, model has {shape}")
-        elif ptr not in stored_ptrs:
-            raise CorruptCheckpointError(f"saved checkpoint lacks {key}")
+from .verify import verify_checkpoint_tensors
 
 
 def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None = None, write_model=None) -> Path:
@@ -49,7 +31,7 @@ def save_compressed(model, tokenizer, out_dir: str | Path, report: dict | None =
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         if write_model is None:
-            _verify(tmp, model)
+            verify_checkpoint_tensors(tmp, model)
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             os.replace(out_dir, old)

@@ -1,6 +1,14 @@
 """Perplexity by the SVD-LLM protocol: the split's rows joined with "\\n\\n", tokenised once, cut into
 non-overlapping windows of `seqlen` (remainder dropped); PPL = exp(mean NLL over all predicted
-tokens of all windows). Non-finite logits are an error, never silently dropped."""
+tokens of all windows). Non-finite logits are an error, never silently dropped.
+
+Dataset names are resolved in the evaluation role (ressvd.data.evaluation_dataset): `c4` scores
+the test part of the local C4 sample, documents 1500-1999 (`c4-test`), never the calibration part
+(documents 0-999) that `c4` calibration draws from; `c4-val` is documents 1000-1499, `c4-reference`
+the whole 2,000-document file (the figures from before the split; it contains the calibration
+part). `wikitext2` and `ptb` are the test splits, `ptb-valid` the PTB validation split. Whether an
+evaluation scores its model's calibration text is checked by ressvd.data.check_evaluation_disjoint
+(the CLI calls it); this module scores what it is given."""
 from __future__ import annotations
 
 import math
@@ -10,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.texts import joined_text
+from ..data.texts import evaluation_dataset, joined_text
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -28,7 +36,7 @@ class PerplexityResult:
 
 
 def token_windows(tokenizer, dataset: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    ids = torch.tensor(tokenizer(joined_text(dataset))["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(joined_text(evaluation_dataset(dataset)))["input_ids"], dtype=torch.long)
     count = ids.numel() // seqlen
     if max_windows is not None:
         count = min(count, max_windows)

@@ -8,20 +8,13 @@ number of floored channels is recorded.
 import torch
 
 from .base import CompressionMethod, Factors, register_method
-from .linalg import DecompositionError, truncated_svd_factors
+from .linalg import DecompositionError, floored_scales, truncated_svd_factors
 
 
 def activation_scales(abs_sum: torch.Tensor, tokens: int, alpha: float, floor: float) -> tuple[torch.Tensor, int]:
     if tokens <= 0:
         raise DecompositionError("ASVD needs calibration tokens: no activations were recorded")
-    scales = (abs_sum.to(torch.float64) / tokens).pow(alpha)
-    if not torch.isfinite(scales).all():
-        raise DecompositionError("non-finite mean absolute activation")
-    top = float(scales.max())
-    if not top > 0:
-        raise DecompositionError("all input channels are zero")
-    low = scales <= floor * top
-    return scales.clamp_min(floor * top), int(low.sum())
+    return floored_scales(abs_sum.to(torch.float64) / tokens, alpha, floor, "mean absolute activation (ASVD)")
 
 
 @register_method

@@ -42,6 +42,13 @@ class CompressionMethod:
     def prepare(self, model, adapter, calib_ids: torch.Tensor, device) -> None:
         """Whole-model work before the layer loop (e.g. FWSVD's gradient pass). Default: none."""
 
+    @property
+    def whole_model_reason(self) -> str | None:
+        """Why this method needs the whole model in memory (None: layer streaming works)."""
+        if type(self).prepare is not CompressionMethod.prepare:
+            return f"method {self.name!r} prepares on the whole model"
+        return None
+
     def factorize(self, weight: torch.Tensor, rank: int, stats: GroupStats, name: str = "") -> Factors:
         """weight: (m, n) float64 on the compute device; name: the full module name."""
         raise NotImplementedError

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..inspect import decoder_linears
+from ..counting import decoder_linears
 from .base import CompressionMethod, Factors, register_method
-from .linalg import DecompositionError, truncated_svd_factors
+from .linalg import DecompositionError, floored_scales, truncated_svd_factors
 
 AXES = ("rows", "columns")
 
@@ -65,14 +65,7 @@ def fisher_reductions(model, adapter, calib_ids: torch.Tensor, device, batch_siz
 
 
 def importance_scales(values: torch.Tensor, alpha: float, floor: float) -> tuple[torch.Tensor, int]:
-    if not torch.isfinite(values).all():
-        raise DecompositionError("FWSVD: non-finite Fisher importance")
-    scales = values.pow(alpha)
-    top = float(scales.max())
-    if not top > 0:
-        raise DecompositionError("FWSVD: every Fisher importance is zero (no gradient reached this matrix)")
-    low = scales <= floor * top
-    return scales.clamp_min(floor * top), int(low.sum())
+    return floored_scales(values, alpha, floor, "Fisher importance (FWSVD; no gradient reached this matrix?)")
 
 
 @register_method

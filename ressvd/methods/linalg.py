@@ -42,6 +42,19 @@ def cholesky_whitening(H: torch.Tensor, relative_shift: float = 1e-6, max_tries:
     raise DecompositionError(f"Cholesky failed even after a diagonal shift of {shift:.3g}")
 
 
+def floored_scales(values: torch.Tensor, alpha: float, floor: float, what: str) -> tuple[torch.Tensor, int]:
+    """values^alpha per channel with the zeros lifted to floor·max (ASVD's activation means, FWSVD's
+    Fisher sums): a zero scale would make the scaled SVD singular. Returns (scales, how many were floored)."""
+    if not torch.isfinite(values).all():
+        raise DecompositionError(f"non-finite {what}")
+    scales = values.to(torch.float64).pow(alpha)
+    top = float(scales.max())
+    if not top > 0:
+        raise DecompositionError(f"every {what} is zero")
+    low = scales <= floor * top
+    return scales.clamp_min(floor * top), int(low.sum())
+
+
 def truncated_svd_factors(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M ~ A B with A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T. Returns (A, B, all singular values)."""
     try:

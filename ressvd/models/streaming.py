@@ -138,11 +138,16 @@ class SafetensorsLayerStore:
     def input_embeddings(self, model: nn.Module):
         embeddings = model.get_input_embeddings()
         path = next(name for name, module in model.named_modules() if module is embeddings)
+        # Put the skeleton's own (meta) Parameter objects back afterwards: the LM head may share the
+        # embedding's Parameter (tied weights), and a new meta Parameter would untie them, so the
+        # model would count and verify the head as a tensor of its own.
+        saved = dict(embeddings._parameters)
         self.load_module(f"{path}.", embeddings)
         try:
             yield embeddings
         finally:
             _to_meta(embeddings)
+            embeddings._parameters.update(saved)
 
 
 def _checkpoint_dtype(config, files: list[Path]) -> torch.dtype:
@@ -212,7 +217,7 @@ def write_streamed_checkpoint(directory: Path, model: nn.Module, store: Safetens
     layer at a time: every decoder layer from its work-directory file (`layer_files[i]`), every
     other tensor copied from the source. Then check that every tensor the compressed model holds
     is there with its shape."""
-    from ..checkpoint.format import CorruptCheckpointError
+    from ..checkpoint.verify import verify_checkpoint_tensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -245,21 +250,4 @@ def write_streamed_checkpoint(directory: Path, model: nn.Module, store: Safetens
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(directory)
 
-    # verify: every tensor of the compressed model (one name of each tied group) with its shape
-    stored = {}
-    for file in sorted(set(weight_map.values())):
-        with safe_open(str(directory / file), framework="pt") as f:
-            for key in f.keys():
-                stored[key] = tuple(f.get_slice(key).get_shape())
-    tied = {name: group for group in store.tie_groups for name in group}
-    for name, tensor in expected.items():
-        names = tied.get(name, [name])
-        present = [n for n in names if n in stored]
-        if not present:
-            raise CorruptCheckpointError(f"streamed checkpoint lacks {name}")
-        if stored[present[0]] != tuple(tensor.shape):
-            raise CorruptCheckpointError(f"streamed {present[0]} has shape {stored[present[0]]}, "
-                                         f"the model {tuple(tensor.shape)}")
-    unexpected = set(stored) - set(expected) - set(tied)
-    if unexpected:
-        raise CorruptCheckpointError(f"streamed checkpoint holds tensors the model lacks: {sorted(unexpected)[:3]}")
+    verify_checkpoint_tensors(directory, model, store.tie_groups)

@@ -1,4 +1,4 @@
 from .lowrank import LowRankLinear
-from .replace import get_submodule, replace_submodule
+from .replace import replace_submodule
 
-__all__ = ["LowRankLinear", "get_submodule", "replace_submodule"]
+__all__ = ["LowRankLinear", "replace_submodule"]

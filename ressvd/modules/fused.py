@@ -226,21 +226,3 @@ def unfuse_lowrank(model: nn.Module) -> None:
         parent_name, _, group_name = name.rpartition(".")
         unfuse_group(model, parent_name, group_name)
     _set_layout(model, [])
-
-
-def fuse_checkpoint(path) -> list[list[str]]:
-    """Rewrite a saved compressed checkpoint in the fused layout (`ressvd compress --layout fused`);
-    the directory is replaced only by a complete, verified checkpoint."""
-    import json
-    from pathlib import Path
-
-    from ..checkpoint import load_compressed, save_compressed
-    from ..checkpoint.format import REPORT_FILE
-
-    path = Path(path)
-    model, tokenizer = load_compressed(path)
-    groups = fuse_lowrank(model)
-    report_file = path / REPORT_FILE
-    report = json.loads(report_file.read_text()) if report_file.exists() else None
-    save_compressed(model, tokenizer, path, report)
-    return groups

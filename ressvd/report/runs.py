@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-REPORT_FILE = "ressvd_report.json"
+from ..checkpoint.format import REPORT_FILE
+
 EVAL_GLOB = "eval*.json"
 
 
