@@ -2,7 +2,7 @@
 from .api import CalibrationSpec, CompressionReport, compress
 from .checkpoint import CorruptCheckpointError, save_compressed as save
 from .evaluation import perplexity
-from .models import load_model as load
+from .models.loading import load_model as load
 from .pipeline import RunPlan
 
 __version__ = "0.1.0"

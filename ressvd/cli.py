@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CorruptCheckpointError
     from .data import DatasetNotFoundError
     from .methods import DecompositionError
-    from .models import ModelNotFoundError, UnsupportedArchitectureError
+    from .models.loading import ModelNotFoundError
+    from .models.registry import UnsupportedArchitectureError
     try:
         return COMMANDS[args.command](args)
     except (ModelNotFoundError, UnsupportedArchitectureError, CorruptCheckpointError, DatasetNotFoundError,

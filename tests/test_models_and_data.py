@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import ressvd
 from ressvd.data import DatasetNotFoundError, load_rows, sample_calibration
 from ressvd.data.paths import data_dir
-from ressvd.models import ModelNotFoundError, UnsupportedArchitectureError, adapter_for, resolve_model_source
+from ressvd.models import UnsupportedArchitectureError, adapter_for
+from ressvd.models.loading import ModelNotFoundError, resolve_model_source
 
 
 @pytest.mark.parametrize("spec", ["./no/such/dir", "/tmp/definitely-missing-model.gguf", "~/nope/model"])

@@ -114,7 +114,6 @@ def test_auto_k_search_scores_each_candidate_by_its_held_out_loss(tiny_llama, ca
         losses[p["k"]] = held_out_loss(candidate, calib_ids[HELD])
         # the search's cross-entropy is summed in float32 (about 1e-7 relative)
         assert p["error"] == pytest.approx(losses[p["k"]], rel=1e-6), p["k"]
-    assert held_out_loss(dense, calib_ids[HELD]) < min(losses.values())  # compressing costs loss
     k = report.search["k"]
     assert k == min(losses, key=losses.get) and report.allocation_options["k"] == k
     layers = model.model.layers

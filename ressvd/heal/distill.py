@@ -510,9 +510,9 @@ class DistillHealer(Healer):
                 start = time.perf_counter()
                 _teacher_topk(teacher, train_ids, k, self.temperature, TOPK_DTYPES[self.topk_dtype], topk_dir,
                               "train", self.batch_size, accelerator, autocast, progress and accelerator.is_main_process)
-                if heldout_ids.shape[0]:
+                if heldout_ids.shape[0]:  # evaluation targets: T = 1, no autocast (as the live-teacher KL)
                     _teacher_topk(teacher, heldout_ids, k, 1.0, TOPK_DTYPES[self.topk_dtype], topk_dir, "heldout",
-                                  self.batch_size, accelerator, autocast, False)
+                                  self.batch_size, accelerator, contextlib.nullcontext, False)
                     eval_dir = topk_dir
                 teacher.to(teacher_device)  # off the accelerator: training reads the top-k files
                 if device.type == "cuda":
@@ -636,8 +636,6 @@ class DistillHealer(Healer):
                     bar.close()
                 seconds["train"] = time.perf_counter() - train_start
                 save_state()  # the finished state: calling again with this state_dir only re-evaluates
-            if checkpointing and not checkpointing_before:
-                train_model.gradient_checkpointing_disable()
             student_final = accelerator.unwrap_model(train_model)
             if self.train == "lora":
                 student_final = merge_lora(student_final)
