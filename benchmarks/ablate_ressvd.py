@@ -1,7 +1,9 @@
 """ResSVD ablation: which part of the gain comes from REC, PLC and the statistics stream.
 
-Every row uses the same calibration tokens (C4, seed 0) and the same evaluation (first W windows
-of 512 tokens of WikiText-2, PTB and C4). Prints one table per model and writes JSON.
+Every row uses the same calibration tokens (the C4 calibration part, seed 0) and the same
+evaluation: the first W windows of 512 tokens of the validation sets (PTB valid, C4 validation
+part), which choose the defaults, and of the test sets (WikiText-2, PTB, C4 test part), which are
+reported. Prints one table per model and writes JSON.
 
     python benchmarks/ablate_ressvd.py --model smollm2-135m --ratios 0.2,0.4,0.6 --json runs/ablate-smollm2.json
     python benchmarks/ablate_ressvd.py --table --json runs/ablate-smollm2.json,runs/ablate-gemma3.json
@@ -73,7 +75,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", default="0.2,0.4,0.6")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of row names")
-    parser.add_argument("--datasets", default="wikitext2,ptb,c4")
+    parser.add_argument("--datasets", default="ptb-valid,c4-val,wikitext2,ptb,c4",
+                        help="validation sets first (they choose defaults), then the test sets (reported)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="fix k for every partial-layer row instead of searching it (a cheap comparison "
+                             "of rows at the k a search chose)")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=20, help="PPL windows of 512 tokens per dataset")
@@ -104,8 +110,13 @@ def main() -> None:
         for row in args.rows.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
+            settings = copy.deepcopy(ROWS[row])
+            if args.k is not None and settings.get("allocation", "partial-layer" if settings["method"] == "ressvd"
+                                                    else "uniform") == "partial-layer":
+                settings["allocation"] = "partial-layer"
+                settings["allocation_options"] = {**settings.get("allocation_options", {}), "k": args.k}
             report = ressvd.compress(model, tokenizer, ratio=ratio, calibration=calibration,
-                                     sequential=args.sequential, progress=False, **ROWS[row])
+                                     sequential=args.sequential, progress=False, **settings)
             seconds = time.perf_counter() - start
             results.append({"model": args.model, "row": row, "ratio": ratio, "ppl": ppl(model),
                             "k": report.search["k"] if report.search else None,

@@ -48,7 +48,7 @@ ROWS = {
 }
 DISPLAY = ("svd", "fwsvd", "asvd", "svd-llm", "svd-llm-update", "svd-llm-v2", "svd-llm-v2+v2",
            "svd-llm-v2+v2-paper-scale")  # table order
-DATASETS = ("wikitext2", "ptb", "c4")
+DATASETS = ("ptb-valid", "c4-val", "wikitext2", "ptb", "c4")  # validation (chooses), then test (reported)
 
 
 def rss_bytes() -> int:

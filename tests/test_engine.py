@@ -37,7 +37,7 @@ def input_grams(model, names, ids):
 
 def expected_weight(W, rank, gram):
     stats = InputStats(gram=gram, abs_sum=torch.zeros(gram.shape[0], dtype=torch.float64))
-    f = get_method("svd-llm").factorize(W.double(), rank, GroupStats(primary=stats))
+    f = get_method("svd-llm").factorize(W.detach().double(), rank, GroupStats(primary=stats))
     return f.A @ f.B
 
 
@@ -93,7 +93,32 @@ def test_compressed_model_still_computes_finite_logits(tiny_model, calib_ids):
         assert torch.isfinite(tiny_model(calib_ids[:2]).logits).all()
 
 
-def test_adapter_groups_shared_inputs(tiny_llama):
-    adapter = adapter_for(tiny_llama.config)
-    assert adapter.input_groups[0] == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    assert adapter.input_groups[2] == ("mlp.gate_proj", "mlp.up_proj")
+def test_adapter_groups_are_the_linears_that_read_one_tensor(tiny_model, calib_ids):
+    """The adapter's input groups, found from the architecture itself: hook every linear of every
+    decoder layer in a forward and group those that receive equal inputs, in the order the layer
+    calls them. Every linear of a layer belongs to exactly one group."""
+    adapter = adapter_for(tiny_model.config)
+    layers = adapter.layers(tiny_model)
+    seen = [dict() for _ in layers]  # per layer: linear name -> its input, in call order
+
+    def hook_for(index, name):
+        def hook(module, args):
+            seen[index][name] = args[0]
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(i, name))
+               for i, layer in enumerate(layers) for name, module in layer.named_modules()
+               if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        tiny_model(calib_ids[:2], use_cache=False)
+    for h in handles:
+        h.remove()
+    for inputs in seen:
+        groups: list[list[str]] = []
+        for name, x in inputs.items():
+            group = next((g for g in groups if torch.equal(inputs[g[0]], x)), None)
+            if group is None:
+                groups.append([name])
+            else:
+                group.append(name)
+        assert tuple(map(tuple, groups)) == adapter.input_groups

@@ -184,6 +184,21 @@ def _loglik(model, tokenizer, context, continuation):
     return float(sum(logprobs[t - 1, whole[t]] for t in range(n_ctx, len(whole))))
 
 
+def expected_scores(model, tokenizer, task, limit):
+    """acc and acc_norm over the first `limit` docs, by hand: the choice with the highest
+    loglikelihood (acc_norm: per character of the choice) against the target."""
+    docs = task.eval_docs
+    acc, acc_norm = [], []
+    for i in range(limit):
+        doc = docs[i]
+        ctx, choices, target = task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
+        scores = [_loglik(model, tokenizer, ctx, task.config.target_delimiter + c) for c in choices]
+        acc.append(float(max(range(len(scores)), key=scores.__getitem__) == target))
+        normed = [s / len(c) for s, c in zip(scores, choices)]
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == target))
+    return sum(acc) / limit, sum(acc_norm) / limit
+
+
 def test_zeroshot_on_a_tiny_model_scores_what_lm_eval_defines(long_llama, tiny_tokenizer, local_tasks):
     from ressvd.evaluation.zeroshot import evaluate_zeroshot
     limit = 4
@@ -194,35 +209,34 @@ def test_zeroshot_on_a_tiny_model_scores_what_lm_eval_defines(long_llama, tiny_t
     assert "acc_norm" not in result["tasks"]["winogrande"] and result["tasks"]["winogrande"]["samples"] == limit
     assert result["source"] == "local" and result["limit"] == limit and result["num_fewshot"] == 0
 
-    task, acc, acc_norm = local_tasks["arc_easy"], [], []
-    docs = task.eval_docs
-    for i in range(limit):
-        doc = docs[i]
-        ctx, choices, target = task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
-        scores = [_loglik(long_llama, tiny_tokenizer, ctx, " " + c) for c in choices]
-        acc.append(float(max(range(len(scores)), key=scores.__getitem__) == target))
-        normed = [s / len(c) for s, c in zip(scores, choices)]
-        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == target))
-    assert arc["acc"] == pytest.approx(sum(acc) / limit)
-    assert arc["acc_norm"] == pytest.approx(sum(acc_norm) / limit)
+    acc, acc_norm = expected_scores(long_llama, tiny_tokenizer, local_tasks["arc_easy"], limit)
+    assert arc["acc"] == pytest.approx(acc)
+    assert arc["acc_norm"] == pytest.approx(acc_norm)
     p = arc["acc"]
     assert arc["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (limit - 1)))
 
 
-def test_cli_eval_tasks_on_a_compressed_checkpoint(long_llama, tiny_tokenizer, text_file, tmp_path, capsys):
+def test_cli_eval_tasks_on_a_compressed_checkpoint(long_llama, tiny_tokenizer, text_file, tmp_path, capsys,
+                                                   local_tasks):
+    import ressvd
     dense = tmp_path / "dense"
     long_llama.save_pretrained(dense)
     tiny_tokenizer.save_pretrained(dense)
     ck = tmp_path / "ck"
     assert main(["compress", str(dense), "--ratio", "0.4", "--calib", str(text_file), "--nsamples", "4",
                  "--seqlen", "16", "--out", str(ck), "--device", "cpu"]) == 0
-    assert main(["eval", str(ck), "--tasks", "piqa,openbookqa", "--limit", "2", "--eval-batch-size", "4",
+    assert main(["eval", str(ck), "--tasks", "piqa,openbookqa", "--limit", "4", "--eval-batch-size", "4",
                  "--json", str(ck / "eval.json")]) == 0
     printed = capsys.readouterr().out
     assert "piqa" in printed and "openbookqa" in printed and "acc_norm" in printed
     result = json.loads((ck / "eval.json").read_text())
     assert result["ppl"] == {}  # --tasks alone: no perplexity unless --datasets asks for it
     assert result["model_type"] == "llama" and result["params"] > 0
+    # the scores are those of the compressed checkpoint, computed here by hand from its own logits
+    compressed, tokenizer = ressvd.load(ck)
+    assert result["params"] == sum(p.numel() for p in compressed.parameters()) < long_llama.num_parameters()
     for name in ("piqa", "openbookqa"):
         entry = result["zeroshot"]["tasks"][name]
-        assert entry["samples"] == 2 and 0.0 <= entry["acc"] <= 1.0 and 0.0 <= entry["acc_norm"] <= 1.0
+        acc, acc_norm = expected_scores(compressed, tokenizer, local_tasks[name], 4)
+        assert entry["samples"] == 4
+        assert (entry["acc"], entry["acc_norm"]) == pytest.approx((acc, acc_norm)), name

@@ -55,14 +55,19 @@ def floored_scales(values: torch.Tensor, alpha: float, floor: float, what: str) 
     return scales.clamp_min(floor * top), int(low.sum())
 
 
+def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A singular pair (u, v) is defined only up to a common sign, and the LAPACK path (SIMD width,
+    threads, batch order of the Gram sums) can pick either: make the largest-|u| entry of each u
+    positive, so the factors, not only their product, are reproducible."""
+    index = U.abs().argmax(dim=0)
+    signs = torch.sign(U[index, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
+
 def truncated_svd_factors(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M ~ A B with A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T. Returns (A, B, all singular values)."""
-    try:
-        U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-    except RuntimeError as err:  # LinAlgError subclasses RuntimeError
-        raise DecompositionError(f"SVD failed on a {tuple(M.shape)} matrix: {err}") from err
-    if not torch.isfinite(sigma).all():
-        raise DecompositionError("SVD produced non-finite singular values")
+    U, sigma, Vh = svd(M)
     root = sigma[:rank].sqrt()
     return U[:, :rank] * root, root[:, None] * Vh[:rank], sigma
 
@@ -124,6 +129,7 @@ def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise DecompositionError(f"SVD failed on a {tuple(M.shape)} matrix: {err}") from err
     if not torch.isfinite(sigma).all():
         raise DecompositionError("SVD produced non-finite singular values")
+    U, Vh = _fix_signs(U, Vh)
     return U, sigma, Vh
 
 

@@ -90,7 +90,7 @@ def _next_token_nll(model, normed: list[torch.Tensor], ids: torch.Tensor) -> flo
     total, count, row = 0.0, 0, 0
     for chunk in normed:
         for hidden in chunk:
-            logits = head(hidden.to(head_device)).float()
+            logits = head(hidden.to(head_device, head.weight.dtype)).float()  # normed states are float32
             if softcap:  # Gemma-2 style capping, as the model's own forward applies it
                 logits = torch.tanh(logits / softcap) * softcap
             targets = ids[row, 1:].to(head_device)
