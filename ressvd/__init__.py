@@ -2,9 +2,10 @@
 from .api import CalibrationSpec, CompressionReport, compress
 from .checkpoint import CorruptCheckpointError, save_compressed as save
 from .evaluation import perplexity
+from .healing import heal
 from .models.loading import load_model as load
 from .pipeline import RunPlan
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationSpec", "CompressionReport", "CorruptCheckpointError", "RunPlan", "compress", "load", "perplexity",
+__all__ = ["CalibrationSpec", "CompressionReport", "CorruptCheckpointError", "RunPlan", "compress", "heal", "load", "perplexity",
            "save"]

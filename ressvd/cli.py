@@ -99,7 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--json", help="write the comparison to this JSON file")
 
-    sub.add_parser("methods", help="list the truncation methods and rank allocations")
+    p = sub.add_parser("heal", help="heal a compressed checkpoint by distillation from the dense teacher")
+    p.add_argument("checkpoint", help="a ressvd checkpoint directory")
+    p.add_argument("--teacher", required=True, help="the dense model it was compressed from (any MODEL of compress)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (may be CHECKPOINT itself)")
+    p.add_argument("--healer", default="distill", help="a model-scope healer (see `ressvd methods`)")
+    p.add_argument("--heal-tokens", type=int, default=None, help="training token budget")
+    p.add_argument("--heal-data", default=None, help="training text: c4 (its calibration part), ptb-train, "
+                                                     "a .txt/.jsonl; test and validation splits are refused")
+    p.add_argument("--heal-seqlen", type=int, default=None, help="training window length in tokens")
+    p.add_argument("--heal-train", choices=["factors", "lora"], default=None,
+                   help="train the factors themselves, or LoRA adapters on them merged back at the end")
+    p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="healer option, repeatable (e.g. lr=1e-4, grad_accum=8, teacher_topk=64)")
+    p.add_argument("--keep-state", action="store_true", help="keep OUT.heal-state (the resumable state) afterwards")
+
+    sub.add_parser("methods", help="list the truncation methods, rank allocations and healers")
 
     p = sub.add_parser("report", help="Markdown/JSON summary and plots of compress and eval run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -257,9 +272,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_heal(args) -> int:
+    from .healing import heal_checkpoint
+    options = parse_options(args.heal_option)
+    if args.heal_train is not None:
+        options["train"] = args.heal_train
+    report = heal_checkpoint(args.checkpoint, args.teacher, args.out, healer=args.healer, tokens=args.heal_tokens,
+                             source=args.heal_data, seqlen=args.heal_seqlen, keep_state=args.keep_state, **options)
+    heal = report["heal"]
+    kl = heal.get("heldout") or {}
+    print(f"wrote {args.out}: healed with {args.healer} on {heal.get('tokens')} tokens in "
+          f"{(heal.get('seconds') or {}).get('total', 0):.1f} s; held-out KL {kl.get('kl_before', float('nan')):.4f} -> "
+          f"{kl.get('kl_after', float('nan')):.4f}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .allocation import available_allocators
-    from .heal import available_healers
+    from .healing import available_healers
     from .methods import available_methods
     print("methods:")
     for name, cls in available_methods().items():
@@ -280,7 +310,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "methods": cmd_methods,
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "heal": cmd_heal, "methods": cmd_methods,
             "report": cmd_report}
 
 
@@ -300,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("ressvd: interrupted; nothing under --out was replaced"
-              + ("; run the same command again to resume" if args.command in ("compress", "run") else ""),
+              + ("; run the same command again to resume" if args.command in ("compress", "run", "heal") else ""),
               file=sys.stderr)
         return 130
     except OSError as err:  # e.g. a full disk: the work directory keeps what was finished

@@ -9,9 +9,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 import ressvd
-from ressvd.heal import available_healers, get_healer
-from ressvd.heal.data import training_windows
-from ressvd.heal.distill import (HealInputError, HealStateMismatchError, attach_lora, factor_linears, kl_full,
+from ressvd.healing import available_healers, get_healer
+from ressvd.healing.data import training_windows
+from ressvd.healing.distill import (HealInputError, HealStateMismatchError, attach_lora, factor_linears, kl_full,
                                  kl_topk, merge_lora)
 from ressvd.modules.lowrank import LowRankLinear
 
@@ -265,6 +265,9 @@ def test_bad_inputs_fail_with_one_line_errors(pair, windows):
         with pytest.raises(HealInputError, match=message) as err:
             healer.heal_model(s, t, windows, progress=False)
         assert "\n" not in str(err.value)
+    meta = clone(student).to("meta")
+    with pytest.raises(HealInputError, match="meta device"):
+        healer.heal_model(meta, teacher, windows, progress=False)
     with pytest.raises(HealInputError, match="outside the vocabulary"):
         healer.heal_model(clone(student), teacher, windows + VOCAB, progress=False)
     with pytest.raises(HealInputError, match="leave none to train on"):
@@ -313,7 +316,7 @@ def test_training_windows(tiny_tokenizer, text_file, tmp_path):
 
 def test_heal_checkpoint_reloads_to_identical_logits(pair, tiny_tokenizer, text_file, tmp_path):
     from ressvd.checkpoint.format import read_config
-    from ressvd.heal.api import heal, heal_checkpoint
+    from ressvd.healing.api import heal, heal_checkpoint
     teacher, student = pair
     ckpt, out = tmp_path / "ckpt", tmp_path / "healed"
     ressvd.save(clone(student), tiny_tokenizer, ckpt, {"method": "svd-llm"})
@@ -351,3 +354,67 @@ def test_heal_checkpoint_reloads_to_identical_logits(pair, tiny_tokenizer, text_
         dense = tmp_path / "dense"
         teacher.save_pretrained(dense)
         heal_checkpoint(dense, teacher, tmp_path / "x", **options)
+
+
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_fused_layout_heals_and_keeps_its_layout(pair, windows, train):
+    from ressvd.modules.fused import FusedLowRankGroup, FusedLowRankMember, fuse_lowrank
+    teacher, student = pair
+    fused = clone(student)
+    groups = fuse_lowrank(fused)
+    shapes = {n: p.shape for n, p in fused.named_parameters()}
+    names = factor_linears(fused)
+    assert any(n.endswith("fused_q_k_v.B") for n in names)
+    record = get_healer("distill", tokens=4 * 32 * 2, lr=1e-3, batch_size=4, grad_accum=1, train=train,
+                        autocast="off", heldout=4).heal_model(fused, teacher, windows, progress=False)
+    assert record["heldout"]["kl_after"] is not None
+    assert {n: p.shape for n, p in fused.named_parameters()} == shapes
+    assert fused.config.ressvd["fused_groups"] == groups
+    assert any(isinstance(m, FusedLowRankGroup) for m in fused.modules())
+    assert isinstance(fused.model.layers[0].self_attn.q_proj, FusedLowRankMember)
+    group = fused.model.layers[0].self_attn.fused_q_k_v
+    before = dict(student.named_parameters())
+    stacked = torch.cat([before[f"model.layers.0.self_attn.{p}_proj.B.weight"] for p in "qkv"])
+    assert not torch.equal(group.B.weight, stacked)  # the stacked B trained
+
+
+def test_autocast_auto_follows_the_device(pair, windows):
+    from ressvd.healing.distill import CPU_AUTOCAST_BF16, _bf16_supported
+    teacher, student = pair
+    record = get_healer("distill", tokens=4 * 32, batch_size=4, grad_accum=1, heldout=0).heal_model(
+        clone(student), teacher, windows, progress=False)
+    device = torch.device(record["device"])
+    expected = _bf16_supported(device) and (device.type != "cpu" or CPU_AUTOCAST_BF16)
+    assert record["autocast"] == ("bf16" if expected else "off")
+    assert record["gradient_checkpointing"] == (device.type != "cpu")
+
+
+def test_heal_model_draws_its_windows_from_a_tokenizer(pair, tiny_tokenizer, text_file):
+    # the pipeline's call: heal_model(model, teacher, tokenizer, state_dir=..., progress=...)
+    from ressvd.data import HeldOutSplitError
+    from ressvd.healing.api import heal
+    teacher, student = pair
+    s = clone(student)
+    healer = get_healer("distill", tokens=4 * 32 * 2, seqlen=32, source=str(text_file), heldout_source=None,
+                        heldout=2, batch_size=4, grad_accum=1, autocast="off")
+    record = healer.heal_model(s, teacher, tiny_tokenizer, progress=False)
+    assert record["data"]["source"] == str(text_file) and record["data"]["windows"] == 8 + 2
+    assert record["train_windows"] == 8 and record["heldout"]["windows"] == 2
+    heal_record = s.config.ressvd["heal"]
+    assert heal_record["healer"] == "distill" and heal_record["tokens"] == 4 * 32 * 2
+    assert heal_record["curve"] == record["curve"] and "ranks" in s.config.ressvd
+    # a second heal keeps the first one's record; a built healer goes through heal() as it is
+    heal(s, teacher, tiny_tokenizer, healer=healer, progress=False)
+    assert s.config.ressvd["heal"]["previous"] == heal_record
+    with pytest.raises(HeldOutSplitError):
+        get_healer("distill", tokens=64, seqlen=32, source="wikitext2").heal_model(clone(student), teacher,
+                                                                                  tiny_tokenizer, progress=False)
+    with pytest.raises(HealInputError, match="needs training text"):
+        healer.heal_model(clone(student), teacher, None, progress=False)
+
+
+def test_config_curve_is_thinned():
+    from ressvd.healing.distill import CONFIG_CURVE_POINTS, heal_summary
+    curve = [[i, 1.0 / (i + 1)] for i in range(1000)]
+    thin = heal_summary({"healer": "distill", "curve": curve})["curve"]
+    assert len(thin) == CONFIG_CURVE_POINTS and thin[0] == curve[0] and thin[-1] == curve[-1]

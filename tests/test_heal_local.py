@@ -19,8 +19,8 @@ from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 import ressvd
 from ressvd.calibration.capture import run_layer
 from ressvd.calibration.engine import EngineOptions, capture_inputs
-from ressvd.heal import available_healers, get_healer
-from ressvd.heal.local import LocalHealer
+from ressvd.healing import available_healers, get_healer
+from ressvd.healing.local import LocalHealer
 from ressvd.models import adapter_for
 from ressvd.modules import LowRankLinear
 

@@ -347,7 +347,7 @@ def compress_layerwise(model: nn.Module, adapter: ArchitectureAdapter, calib_ids
     - otherwise from layer 0, with the calibration batches' hidden states captured here.
     When every statistic the run needs is the dense model's (one stream, "dense") and a complete
     profile holds them, no forward pass runs at all: each layer is factorised from the profile.
-    A layer-scope `healer` (ressvd.heal) refines each factorised layer on the compressed stream's
+    A layer-scope `healer` (ressvd.healing) refines each factorised layer on the compressed stream's
     inputs against the dense layer's outputs before the compressed stream moves on.
     """
     hooks = hooks or EngineHooks()

@@ -21,7 +21,7 @@ import torch
 from ..allocation import Allocator, get_allocator, validate_ratio
 from ..calibration.engine import STREAMS, EngineOptions, streams_needed
 from ..device import resolve_device
-from ..heal import Healer, get_healer
+from ..healing import Healer, get_healer
 from ..methods import CompressionMethod, get_method
 
 
@@ -152,6 +152,8 @@ class RunPlan:
     @property
     def whole_model_reason(self) -> str | None:
         """Why the compression needs the whole model in memory (None: it can stream its layers)."""
+        if self.model_healers:
+            return f"healer {self.model_healers[0].name!r} trains the whole model"
         return self.method.whole_model_reason or self.allocator.whole_model_reason
 
     def streaming_eligibility(self, source_kind: str, streamable: bool, requested: bool = True) -> Eligibility:

@@ -94,5 +94,7 @@ def checkpoint_record(report: CompressionReport) -> dict[str, Any]:
         "ranks": {name: rank for name, rank in report.ranks.items() if rank is not None},
     }
     if report.heal:
-        record["heal"] = {"healers": report.heal, "options": report.heal_options}
+        from ..healing.distill import heal_summary
+        record["heal"] = {"healers": report.heal, "options": report.heal_options,
+                          **{name: heal_summary(result) for name, result in report.healing.items() if name != "layers"}}
     return record

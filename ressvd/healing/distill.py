@@ -26,6 +26,21 @@ Teacher targets, two ways:
   to it when K = vocab size, and unlike renormalising over the top-K it still penalises a student
   that moves mass into the tail. The held-out KL in this mode is measured with the same estimator.
 
+Defaults and why: tokens 1M (a short heal; Lillama used 13M for 3B); AdamW lr 2e-5 for factors (full
+fine-tuning of pretrained weights) and 1e-4 for LoRA (SVD-LLM's LoRA stage), linear warmup over 5 %
+of the steps then cosine decay to 0; weight_decay 0 (decay would pull the factors towards 0, i.e.
+towards a worse compression); max_grad_norm 1; batch_size 4 x grad_accum 4 (16 windows of 256 tokens
+= 4096 tokens per step); autocast "auto" = bf16 where the device has native bf16 (CUDA; CPUs with
+avx512_bf16/AMX: 1.9x faster on SmolLM2, see CPU_AUTOCAST_BF16); gradient checkpointing "auto" = on
+on accelerators (memory), off on CPU (the recompute costs time and CPU RAM is not the limit).
+
+Data: heal_model takes token windows [N, seqlen], or a tokenizer, with which it draws ceil(tokens /
+seqlen) windows of the training source `source` (default c4 = c4-calib; test and validation splits
+refused) and `heldout` (8) windows of `heldout_source` (default c4-val) for the before/after KL.
+The budget is rounded up to whole optimizer steps; the windows are visited in seeded random order,
+epoch after epoch if the budget needs more than one pass. The record goes in the report, and its
+summary (curve thinned to 200 points) into model.config.ressvd["heal"] (record_heal).
+
 Accelerate: the loop is written on `accelerate.Accelerator` (prepare, accumulate, backward,
 clip_grad_norm_, skip_first_batches), so `accelerate launch` runs it data-parallel unchanged; the
 token budget counts the tokens of all processes. bf16 autocast is applied with torch.autocast rather
@@ -59,8 +74,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import save_tensors_atomic, write_atomic, write_text_atomic
 from ..modules.fused import FusedLowRankGroup, FusedLowRankMember
 from ..modules.lowrank import LowRankLinear
+from ..calibration.profile import fingerprint_ids
 from .base import Healer, register_healer
 
 STATE_FORMAT = 1
@@ -172,6 +189,10 @@ def _text_config(config):
 def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
     if not factor_linears(student):
         raise HealInputError("the student is not a ressvd-compressed model: it has no LowRankLinear module")
+    for who, model in (("student", student), ("teacher", teacher)):
+        if any(p.is_meta for p in model.parameters()):
+            raise HealInputError(f"the {who} has weights on the meta device (layer streaming): distill needs the "
+                                 f"whole model in memory")
     if teacher is student:
         raise HealInputError("the teacher is the student itself: pass the dense model the student was compressed from")
     if factor_linears(teacher):
@@ -202,27 +223,13 @@ def _fingerprint(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _fingerprint_ids(ids: torch.Tensor) -> str:
-    return "sha256:" + hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 def _normalise(value):
@@ -288,7 +295,6 @@ def _teacher_topk(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: fl
     """Write the teacher's top-k log-probabilities of every window of `ids` under `directory`, one
     safetensors file per TOPK_CHUNK windows (written atomically; present files are kept: resumable).
     Processes split the chunks between them."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
     directory.mkdir(parents=True, exist_ok=True)
     chunks = [c for c in range(math.ceil(ids.shape[0] / TOPK_CHUNK))
@@ -306,10 +312,8 @@ def _teacher_topk(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: fl
             window_logp.append(values.to(dtype).cpu())
             window_idx.append(indices.to(torch.int32).cpu())
             bar.update(batch.shape[0])
-        path = _topk_file(directory, prefix, c)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"logp": torch.cat(window_logp).contiguous(), "idx": torch.cat(window_idx).contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors_atomic({"logp": torch.cat(window_logp), "idx": torch.cat(window_idx)},
+                            _topk_file(directory, prefix, c))
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -354,7 +358,8 @@ class DistillHealer(Healer):
                  temperature: float = 1.0, ce_weight: float = 0.0, train: str = "factors", lora_r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.0, gradient_checkpointing: bool | str = "auto",
                  autocast: str = "auto", teacher_topk: int | None = None, topk_dtype: str = "float16",
-                 save_every: int = 50, heldout: int = 8, seed: int = 0):
+                 save_every: int = 50, heldout: int = 8, seed: int = 0, source: str = "c4", seqlen: int = 256,
+                 heldout_source: str | None = "c4-val", allow_test_split: bool = False):
         tokens = int(tokens)
         if tokens <= 0:
             raise ValueError(f"heal budget must be > 0 tokens, got {tokens}")
@@ -376,6 +381,8 @@ class DistillHealer(Healer):
                            ("lora_r", lora_r)):
             if int(value) < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if int(seqlen) < 2:
+            raise ValueError(f"seqlen must be >= 2, got {seqlen}")
         if heldout < 0 or (teacher_topk is not None and teacher_topk < 0):
             raise ValueError("heldout and teacher_topk must be >= 0")
         if lr is None:
@@ -390,6 +397,8 @@ class DistillHealer(Healer):
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
         self.teacher_topk = int(teacher_topk) if teacher_topk else None
         self.topk_dtype, self.save_every, self.heldout, self.seed = topk_dtype, int(save_every), int(heldout), int(seed)
+        self.source, self.seqlen, self.heldout_source = str(source), int(seqlen), heldout_source
+        self.allow_test_split = bool(allow_test_split)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -398,7 +407,10 @@ class DistillHealer(Healer):
                    "max_grad_norm": self.max_grad_norm, "temperature": self.temperature,
                    "ce_weight": self.ce_weight, "train": self.train, "gradient_checkpointing": self.gradient_checkpointing,
                    "autocast": self.autocast, "teacher_topk": self.teacher_topk, "save_every": self.save_every,
-                   "heldout": self.heldout, "seed": self.seed}
+                   "heldout": self.heldout, "seed": self.seed, "source": self.source, "seqlen": self.seqlen,
+                   "heldout_source": self.heldout_source}
+        if self.allow_test_split:
+            options["allow_test_split"] = True
         if self.train == "lora":
             options.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
         if self.teacher_topk:
@@ -406,12 +418,44 @@ class DistillHealer(Healer):
         return options
 
     # ------------------------------------------------------------------------------------------
-    def heal_model(self, student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, *,
+    def draw_windows(self, tokenizer, hold_out: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(train windows, held-out windows or None, data record) drawn with the tokenizer: ceil(tokens /
+        seqlen) windows of `source` (ressvd.healing.data.training_windows: test and validation splits are
+        refused unless allow_test_split); `heldout` windows of `heldout_source`, which is only scored,
+        never trained on (default c4-val, C4's validation part: disjoint from the calibration part and
+        from the test part that perplexity reports). heldout_source=None: `heldout` more windows are
+        drawn from `source` and the last ones held out (returned as None: heal_model splits them off)."""
+        from ..data import sample_calibration
+        from ..data.texts import calibration_source
+        from .data import training_windows
+        if tokenizer is None:
+            raise HealInputError("distill needs training text: pass token windows [N, seqlen] or a tokenizer")
+        nsamples = math.ceil(self.tokens / self.seqlen)
+        if self.heldout_source is None:
+            nsamples += self.heldout
+        train = training_windows(tokenizer, self.source, nsamples, self.seqlen, self.seed,
+                                 allow_test_split=self.allow_test_split)
+        record = {"source": self.source, "resolved": calibration_source(self.source), "seqlen": self.seqlen,
+                  "windows": nsamples, "seed": self.seed}
+        heldout = None
+        if hold_out and self.heldout and self.heldout_source is not None:
+            # scored only, never trained on: an evaluation split is the right kind of text here
+            heldout = sample_calibration(tokenizer, self.heldout_source, self.heldout, self.seqlen, self.seed,
+                                         allow_test_split=True)
+            record["heldout_source"] = self.heldout_source
+        elif hold_out and self.heldout:
+            record["heldout_source"] = "training draw (last windows)"
+        return train, heldout, record
+
+    def heal_model(self, student: nn.Module, teacher: nn.Module, train_ids, *,
                    state_dir: str | os.PathLike | None = None, progress: bool = True,
                    eval_ids: torch.Tensor | None = None,
                    on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-        """Heal `student` in place against `teacher` on the token windows `train_ids` [N, seqlen];
-        return the record for the report.
+        """Heal `student` in place against `teacher` and return the record for the report (also kept,
+        loss curve thinned, in student.config.ressvd["heal"] when the student carries a ressvd record).
+
+        train_ids: token windows [N, seqlen], or a tokenizer: then the windows are drawn from the
+        `source` / `seqlen` / `heldout_source` options (draw_windows).
 
         eval_ids: held-out windows for the before/after KL (its first `heldout` rows); without it the
         last `heldout` rows of train_ids are held out and not trained on.
@@ -425,7 +469,16 @@ class DistillHealer(Healer):
 
         started = time.perf_counter()
         _check_pair(student, teacher)
-        if not isinstance(train_ids, torch.Tensor) or train_ids.dim() != 2 or train_ids.dtype.is_floating_point:
+        if isinstance(train_ids, torch.Tensor):
+            data = {"source": "tensor", "seqlen": int(train_ids.shape[-1]), "windows": int(train_ids.shape[0]),
+                    "heldout_source": "tensor" if eval_ids is not None else "training windows (last ones)"}
+        else:
+            train_ids, drawn, data = self.draw_windows(train_ids, hold_out=eval_ids is None)
+            if eval_ids is None:
+                eval_ids = drawn
+            else:
+                data["heldout_source"] = "tensor"
+        if train_ids.dim() != 2 or train_ids.dtype.is_floating_point:
             raise HealInputError("train_ids must be an integer tensor of token windows [N, seqlen]")
         train_ids = train_ids.long().cpu()
         seqlen = train_ids.shape[1]
@@ -470,7 +523,7 @@ class DistillHealer(Healer):
         settings = _normalise({
             "format": STATE_FORMAT, "healer": self.name,
             "options": {k: v for k, v in self.options.items() if k != "save_every"},
-            "train_ids": _fingerprint_ids(train_ids), "heldout_ids": _fingerprint_ids(heldout_ids),
+            "train_ids": fingerprint_ids(train_ids), "heldout_ids": fingerprint_ids(heldout_ids),
             "student": _fingerprint(student), "teacher": _fingerprint(teacher), "num_processes": procs,
         })
         state_path = Path(state_dir) if state_dir is not None else None
@@ -615,6 +668,9 @@ class DistillHealer(Healer):
                         step_loss = float(accelerator.reduce(running / micro, reduction="mean"))
                         running.zero_()
                         micro = 0
+                        if not math.isfinite(step_loss):
+                            raise FloatingPointError(f"heal loss became {step_loss} at step {step}: lower lr, or "
+                                                     f"autocast='off'")
                         tokens = step * tokens_per_step
                         curve.append([tokens, step_loss])
                         session_tokens += tokens_per_step
@@ -674,8 +730,9 @@ class DistillHealer(Healer):
                         "estimator": f"top-{k} + tail" if k else "full vocabulary"},
             "trainable_params": sum(p.numel() for p in params),
             "device": str(device), "num_processes": procs, "autocast": "bf16" if use_bf16 else "off",
-            "gradient_checkpointing": checkpointing,
+            "gradient_checkpointing": checkpointing, "data": data,
         })
+        record_heal(student, record)
         return record
 
     def _open_state(self, state_path: Path, settings: dict, accelerator) -> dict | None:
@@ -692,7 +749,7 @@ class DistillHealer(Healer):
                     f"or delete this one")
         elif accelerator.is_main_process:
             (state_path / STATE_FILE).unlink(missing_ok=True)
-            _atomic_write_text(settings_file, json.dumps(settings, indent=2, sort_keys=True))
+            write_text_atomic(settings_file, json.dumps(settings, indent=2, sort_keys=True))
         accelerator.wait_for_everyone()
         if not (state_path / STATE_FILE).exists():
             return None
@@ -714,6 +771,38 @@ def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-# Whether autocast="auto" uses bf16 autocast on a CPU with bfloat16 support (set from a measurement on
-# SmolLM2-135M, see the module docstring / report).
-CPU_AUTOCAST_BF16 = False
+# Whether autocast="auto" uses bf16 autocast on a CPU with native bfloat16 matmuls. Measured on
+# SmolLM2-135M compressed by svd-llm at 20 %, batch 4 x 256, 2 threads of an AVX512-BF16 EPYC (a busy
+# machine): 17 tokens/s in float32, 33 with bf16 autocast (1.9x), loss curves equal to 3 digits.
+CPU_AUTOCAST_BF16 = True
+
+
+CONFIG_CURVE_POINTS = 200  # config.json keeps the loss curve thinned to this many points; the report keeps all
+
+
+def _thin(curve: list, points: int = CONFIG_CURVE_POINTS) -> list:
+    if len(curve) <= points:
+        return list(curve)
+    picked = [curve[int(i * len(curve) / points)] for i in range(points - 1)]
+    return picked + [curve[-1]]
+
+
+def heal_summary(result: dict) -> dict:
+    """What config.json keeps of a heal record: the healer, its options, the data, tokens, steps,
+    held-out KL and the loss curve thinned to CONFIG_CURVE_POINTS points."""
+    info = {key: result[key] for key in ("healer", "options", "tokens", "steps", "heldout", "data") if key in result}
+    info["curve"] = _thin(result.get("curve", []))
+    return info
+
+
+def record_heal(model: nn.Module, result: dict) -> None:
+    """Keep a heal's record in model.config.ressvd["heal"] (so ressvd.save writes it to config.json):
+    the healer, its options, the data, tokens, steps, held-out KL and the loss curve (thinned); a
+    previous heal's record is kept under "previous". A model without a ressvd record is left alone."""
+    record = getattr(model.config, "ressvd", None)
+    if not isinstance(record, dict):
+        return
+    info = heal_summary(result)
+    if record.get("heal") is not None:
+        info["previous"] = record["heal"]
+    model.config.ressvd = {**record, "heal": info}
