@@ -47,6 +47,17 @@ def _build(config_fn, model_cls, seed=0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two on a loaded machine (and kinder
+    to it). Test files of tiny-model work opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`;
+    the real-model tests keep every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_llama():
     return _build(tiny_llama_config, LlamaForCausalLM)

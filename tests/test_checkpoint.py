@@ -10,6 +10,8 @@ from ressvd.checkpoint.format import is_compressed_checkpoint
 
 from .conftest import clone
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def compressed(model, ids, ratio=0.4):
     ressvd.compress(model, calibration=ids, ratio=ratio, progress=False)

@@ -18,6 +18,8 @@ from ressvd.data import texts
 from ressvd.data.paths import data_dir
 from ressvd.evaluation.perplexity import token_windows
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
          "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform"]
 

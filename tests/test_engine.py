@@ -17,6 +17,8 @@ from ressvd.modules import LowRankLinear
 from .conftest import clone
 from .float64 import assert_rel_close, float64_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def input_grams(model, names, ids):
     grams = {}

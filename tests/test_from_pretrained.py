@@ -17,6 +17,8 @@ from ressvd.modules.fused import fuse_lowrank
 
 from .conftest import VOCAB, clone  # compressed_models: a conftest fixture
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def remote_load(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)

@@ -18,13 +18,7 @@ from ressvd.modules.lowrank import LowRankLinear
 from .conftest import VOCAB, _build, _calib_ids, clone, tiny_llama_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The matrices here are tiny: one thread is several times faster than two on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

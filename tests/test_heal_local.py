@@ -29,13 +29,7 @@ from .conftest import VOCAB, _build, tiny_gemma3_config, tiny_llama_config
 NSEQ = 128  # healing generalises only with enough tokens; 12 x 32 calibration tokens overfit at once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These layers are tiny: one thread is faster than several (and kinder to a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RESSVD_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny layers: thread start-up costs more than it saves, and the suite shares 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n=48, seqlen=32):

@@ -6,6 +6,8 @@ from ressvd.calibration.stats import GroupStats, InputStats
 from ressvd.methods import DecompositionError, available_methods, get_method
 from ressvd.methods.linalg import cholesky_whitening, truncated_svd_factors
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def stats_for(X: torch.Tensor) -> GroupStats:
     """X: tokens x features (rows are tokens, as the hooks see them)."""

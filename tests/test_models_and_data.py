@@ -11,6 +11,8 @@ from ressvd.data.paths import data_dir
 from ressvd.models import UnsupportedArchitectureError, adapter_for
 from ressvd.models.loading import ModelNotFoundError, resolve_model_source
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 @pytest.mark.parametrize("spec", ["./no/such/dir", "/tmp/definitely-missing-model.gguf", "~/nope/model"])
 def test_missing_model_path_is_a_clear_error(spec):

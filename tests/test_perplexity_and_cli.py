@@ -11,6 +11,8 @@ from ressvd.cli import main
 from ressvd.evaluation import NonFiniteLogitsError, perplexity
 from ressvd.evaluation.perplexity import token_windows
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def test_perplexity_is_exp_of_mean_nll_over_non_overlapping_windows(tiny_llama, tiny_tokenizer, text_file):
     windows = token_windows(tiny_tokenizer, str(text_file), 24)

@@ -9,6 +9,8 @@ import ressvd
 from ressvd.counting import total_params
 from ressvd.pipeline import STAGES, CalibrationSpec, RunPlan
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 PACKAGE = Path(ressvd.__file__).parent
 
 

@@ -18,6 +18,8 @@ from ressvd.cli import main
 from .conftest import clone
 from .test_resume import report
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):

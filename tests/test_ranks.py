@@ -8,6 +8,8 @@ from ressvd.allocation import rank_for_ratio, validate_ratio
 from ressvd.counting import decoder_linear_weight_params, decoder_linears, total_params
 from ressvd.models import adapter_for
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 @pytest.mark.parametrize("m,n,ratio,rank", [
     # SmolLM2 (reference-figures.md) and LLaMA-7B (methods.md §1.2, §2.6)

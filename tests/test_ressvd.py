@@ -14,6 +14,8 @@ from ressvd.modules import LowRankLinear
 from .conftest import clone
 from .float64 import assert_rel_close, float64_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def specs(model):
     return decoder_linears(model, adapter_for(model.config))

@@ -15,6 +15,8 @@ from ressvd.modules.fused import FusedLowRankGroup, FusedLowRankMember, fuse_gro
 
 from .conftest import clone  # compressed_models: a conftest fixture
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 @pytest.fixture(params=["llama", "gemma3"])
 def compressed(request, compressed_models):
@@ -128,7 +130,7 @@ class _Wasteful(Allocator):
 
 
 def test_a_factorisation_that_saves_nothing_stays_dense(tiny_llama, calib_ids, tmp_path, monkeypatch):
-    monkeypatch.setitem(allocation_base._REGISTRY, _Wasteful.name, _Wasteful)
+    monkeypatch.setitem(allocation_base._ALLOCATORS._classes, _Wasteful.name, _Wasteful)
     report = ressvd.compress(tiny_llama, calibration=calib_ids, ratio=0.4, allocation=_Wasteful.name, progress=False)
     k_names = [name for name in report.ranks if name.endswith("k_proj")]
     assert k_names and all(report.ranks[name] is None for name in k_names)

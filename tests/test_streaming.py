@@ -16,6 +16,8 @@ from ressvd.models.streaming import open_streaming
 from .conftest import _build, bench, tiny_gemma3_config
 from .test_resume import report
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):

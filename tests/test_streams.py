@@ -32,6 +32,8 @@ from ressvd.modules import LowRankLinear
 from .conftest import clone
 from .float64 import assert_rel_close, float64_model, rel_diff
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 TOL = 1e-8
 
 

@@ -21,6 +21,8 @@ from ressvd.modules import LowRankLinear
 
 from .conftest import clone
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 F64 = torch.float64
 
 

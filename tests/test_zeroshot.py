@@ -17,20 +17,13 @@ from ressvd.evaluation.tasks import LOCAL_TASKS
 from .conftest import _build, tiny_llama_config
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the `eval` extra")
-pytestmark = pytest.mark.skipif(data_file("arc/ARC-Easy-Test.jsonl") is None,
-                                reason="no local data folder ($RESSVD_DATA or ../shared/data)")
+pytestmark = [pytest.mark.skipif(data_file("arc/ARC-Easy-Test.jsonl") is None,
+                                 reason="no local data folder ($RESSVD_DATA or ../shared/data)"),
+              pytest.mark.usefixtures("one_thread")]
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread contention makes each
-    forward ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml",
                 "hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml",

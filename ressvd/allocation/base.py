@@ -5,12 +5,11 @@ this package with a subclass decorated by @register_allocator.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
+from ..registry import Registry
 from .ranks import MatrixSpec, factorization_saves
 
 Ranks = dict[str, "int | None"]
@@ -112,25 +111,7 @@ def finalize(matrices: list[MatrixSpec], ranks: Ranks) -> Ranks:
                      else None) for m in matrices}
 
 
-_REGISTRY: dict[str, type[Allocator]] = {}
-
-
-def register_allocator(cls: type[Allocator]) -> type[Allocator]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"allocation name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_allocators() -> dict[str, type[Allocator]]:
-    package = importlib.import_module(__package__)
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{info.name}")
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_allocator(name: str, **options: Any) -> Allocator:
-    allocators = available_allocators()
-    if name not in allocators:
-        raise ValueError(f"unknown allocation {name!r}; available: {', '.join(allocators)}")
-    return allocators[name](**options)
+_ALLOCATORS: Registry[Allocator] = Registry("allocation", __package__)
+register_allocator = _ALLOCATORS.register
+available_allocators = _ALLOCATORS.available
+get_allocator = _ALLOCATORS.get

@@ -11,9 +11,9 @@ Adding a healer is one file in this package with a subclass decorated by @regist
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar
+
+from ..registry import Registry
 
 HEALER_SCOPES = ("layer", "model")
 
@@ -33,27 +33,12 @@ class Healer:
         return {}
 
 
-_REGISTRY: dict[str, type[Healer]] = {}
+_HEALERS: Registry[Healer] = Registry("healer", __package__)
+available_healers = _HEALERS.available
+get_healer = _HEALERS.get
 
 
 def register_healer(cls: type[Healer]) -> type[Healer]:
     if cls.scope not in HEALER_SCOPES:
         raise ValueError(f"healer {cls.name!r}: scope must be one of {HEALER_SCOPES}, got {cls.scope!r}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"healer name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_healers() -> dict[str, type[Healer]]:
-    package = importlib.import_module(__package__)
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{info.name}")
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_healer(name: str, **options: Any) -> Healer:
-    healers = available_healers()
-    if name not in healers:
-        raise ValueError(f"unknown healer {name!r}; available: {', '.join(healers) or 'none'}")
-    return healers[name](**options)
+    return _HEALERS.register(cls)

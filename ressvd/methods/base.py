@@ -7,14 +7,13 @@ package that defines a subclass decorated with @register_method.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..calibration.stats import GroupStats
+from ..registry import Registry
 
 
 @dataclass
@@ -54,29 +53,7 @@ class CompressionMethod:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[CompressionMethod]] = {}
-
-
-def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _import_all_methods() -> None:
-    package = importlib.import_module(__package__)
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{info.name}")
-
-
-def available_methods() -> dict[str, type[CompressionMethod]]:
-    _import_all_methods()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_method(name: str, **options: Any) -> CompressionMethod:
-    methods = available_methods()
-    if name not in methods:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(methods)}")
-    return methods[name](**options)
+_METHODS: Registry[CompressionMethod] = Registry("method", __package__)
+register_method = _METHODS.register
+available_methods = _METHODS.available
+get_method = _METHODS.get
