@@ -55,6 +55,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="heal the factors after compression: local, distill or local+distill (see `ressvd methods`)")
     p.add_argument("--heal-option", action="append", default=[], metavar="HEALER:KEY=VALUE",
                    help="option for a healer, repeatable (e.g. --heal-option local:epochs=4)")
+    p.add_argument("--heal-tokens", type=int, default=None,
+                   help="distill: training token budget (same as --heal-option distill:tokens=N)")
+    p.add_argument("--heal-train", choices=["factors", "lora"], default=None,
+                   help="distill: train the factors, or LoRA adapters on them merged back (distill:train=...)")
     p.add_argument("--layout", choices=["separate", "fused"], default="separate",
                    help="fused: one stacked B factor per q/k/v and per gate/up group (fewer matmuls; "
                         "see docs/BENCHMARKS.md, speed)")
@@ -160,6 +164,9 @@ def build_plan(args):
         if not sep:
             raise ValueError(f"--heal-option takes HEALER:KEY=VALUE, got {pair!r}")
         heal_options.setdefault(name, {}).update(parse_options([rest]))
+    for key, value in (("tokens", args.heal_tokens), ("train", args.heal_train)):
+        if value is not None:
+            heal_options.setdefault("distill", {})[key] = value
     return RunPlan.build(
         method=args.method, ratio=args.ratio, method_options=method_options, allocation=allocation,
         allocation_options=allocation_options, stats=args.stats, sequential=args.sequential,

@@ -140,3 +140,19 @@ def test_heal_cli_heals_a_checkpoint_and_refuses_bad_input(tiny_model_dir, text_
                  "--heal-tokens", "64", "--heal-data", "wikitext2"]) == 2
     assert "wikitext2-train" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_report_plots_the_healing_of_real_runs(tiny_model_dir, text_file, tmp_path):
+    local, healed = tmp_path / "local", tmp_path / "healed"
+    assert main(["compress", str(tiny_model_dir), "--ratio", "0.4", "--calib", str(text_file), "--nsamples", "8",
+                 "--seqlen", "16", "--device", "cpu", "--heal", "local", "--out", str(local)]) == 0
+    assert main(["heal", str(local), "--teacher", str(tiny_model_dir), "--out", str(healed), "--heal-tokens", "256",
+                 "--heal-data", str(text_file), "--heal-seqlen", "16", "--heal-option", "heldout_source=null",
+                 "--heal-option", "heldout=2", "--heal-option", "grad_accum=1"]) == 0
+    from ressvd.report.runs import load_run
+    runs = [load_run(local), load_run(healed)]
+    assert sorted(runs[0]["heal"]["layers"]) == [f"model.layers.{i}" for i in range(4)]
+    curve = runs[1]["heal"]["curve"]
+    assert curve[-1][0] >= 256 and all(loss >= 0 for _, loss in curve)
+    assert main(["report", str(local), str(healed), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "healing.png").stat().st_size > 10_000

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from .plots import plot_ppl_vs_ratio, plot_rank_heatmap, plot_zeroshot_vs_ratio
+from .plots import plot_heal_curves, plot_ppl_vs_ratio, plot_rank_heatmap, plot_zeroshot_vs_ratio
 from .runs import EVAL_GLOB, REPORT_FILE, RunDirError, load_run
 from .summary import json_summary, markdown
 
@@ -24,6 +24,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, metric: str = "
         plots["ppl_vs_ratio"] = p
     if (p := plot_zeroshot_vs_ratio(records, out / "zeroshot_vs_ratio.png", metric)) is not None:
         plots["zeroshot_vs_ratio"] = p
+    if (p := plot_heal_curves(records, out / "healing.png")) is not None:
+        plots["healing"] = p
     if heatmaps:
         for r in records:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["name"])

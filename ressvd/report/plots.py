@@ -196,3 +196,44 @@ def plot_zeroshot_vs_ratio(records: list[dict], out: Path, metric: str = "acc") 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_heal_curves(records: list[dict], out: Path) -> Path | None:
+    """Distillation loss against training tokens, one line per healed run; and, for runs healed
+    with `local`, each layer's held-out relative error before and after (one panel per run)."""
+    curves = [r for r in records if (r.get("heal") or {}).get("curve")]
+    local = [r for r in records if (r.get("heal") or {}).get("layers")]
+    if not curves and not local:
+        return None
+    plt = _plt()
+    panels = (1 if curves else 0) + len(local)
+    fig, axes = _grid(plt, 1, panels, w=4.2, h=3.2)
+    axes = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    ax_iter = iter(axes)
+    if curves:
+        ax = next(ax_iter)
+        for r in curves:
+            tokens, loss = zip(*r["heal"]["curve"])
+            ax.plot(tokens, loss, label=r["name"], lw=1.2)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("distillation loss (KL to the teacher)")
+        ax.set_title("distill", fontsize=9)
+        ax.legend(fontsize=6)
+    for r in local:
+        ax = next(ax_iter)
+        layers = sorted(r["heal"]["layers"], key=lambda name: int(name.rsplit(".", 1)[-1]))
+        index = [int(name.rsplit(".", 1)[-1]) for name in layers]
+        for key, label in (("heldout_before", "before"), ("heldout_after", "after")):
+            values = [r["heal"]["layers"][name].get(key) for name in layers]
+            if any(v is not None for v in values):
+                ax.plot(index, [float("nan") if v is None else v for v in values], marker="o", ms=3, label=label)
+        ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("held-out relative MSE of the layer")
+        ax.set_title(f"{r['name']}: local", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

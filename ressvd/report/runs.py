@@ -75,6 +75,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
             "ranks": rep.get("ranks") or {},
             "shapes": {name: m.get("shape") for name, m in (rep.get("modules") or {}).items() if m.get("shape")},
             "method_options": rep.get("method_options") or {},
+            "heal": heal_records(rep),
         })
     for eval_path in sorted(path.glob(EVAL_GLOB)):
         _merge_eval(record, _read_json(eval_path))
@@ -85,6 +86,20 @@ def load_run(path: str | Path) -> dict[str, Any]:
         record.update({"method": "dense", "ratio": 0.0, "dense_params": record.get("params")})
     record["group"] = model_group(record)
     return record
+
+
+def heal_records(report: dict) -> dict[str, Any]:
+    """What a report says about healing: "curve" [[tokens, loss], ...] of a distillation (from
+    `ressvd heal`, report["heal"], or `compress --heal distill`, report["healing"]["distill"]) and
+    "layers" {layer: {loss_before, loss_after, heldout_before, heldout_after}} of `--heal local`."""
+    healing = report.get("healing") or {}
+    out: dict[str, Any] = {}
+    distill = report.get("heal") if isinstance(report.get("heal"), dict) else healing.get("distill")
+    if isinstance(distill, dict) and distill.get("curve"):
+        out["curve"] = distill["curve"]
+    if healing.get("layers"):
+        out["layers"] = healing["layers"]
+    return out
 
 
 def model_group(record: dict) -> str:
