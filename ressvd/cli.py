@@ -59,6 +59,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="distill: training token budget (same as --heal-option distill:tokens=N)")
     p.add_argument("--heal-train", choices=["factors", "lora"], default=None,
                    help="distill: train the factors, or LoRA adapters on them merged back (distill:train=...)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="the checkpoint's dtype (factors computed in float64, then stored in it); default: the "
+                        "source model's (float32 for a GGUF source, which is dequantised)")
     p.add_argument("--layout", choices=["separate", "fused"], default="separate",
                    help="fused: one stacked B factor per q/k/v and per gate/up group (fewer matmuls; "
                         "see docs/BENCHMARKS.md, speed)")
@@ -172,7 +175,8 @@ def build_plan(args):
         allocation_options=allocation_options, stats=args.stats, sequential=args.sequential,
         calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed,
                                     allow_test_split=args.allow_test_calibration),
-        heal=args.heal, heal_options=heal_options, device=args.device, batch_size=args.batch_size)
+        heal=args.heal, heal_options=heal_options, device=args.device, batch_size=args.batch_size,
+        dtype=args.dtype)
 
 
 def _compress(args, plan=None) -> dict:

@@ -97,7 +97,7 @@ def test_a_test_split_is_allowed_only_explicitly_and_then_recorded():
 
 
 def test_stages_run_in_the_documented_order():
-    assert [stage.NAME for stage in STAGES] == ["calibrate", "allocate", "factorise", "heal"]
+    assert [stage.NAME for stage in STAGES] == ["calibrate", "allocate", "factorise", "heal", "store"]
 
 
 def test_the_search_returns_k_and_leaves_the_allocator_unchanged(tiny_llama, calib_ids):

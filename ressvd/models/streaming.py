@@ -212,6 +212,23 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _copy_layer_file(source: Path, target: Path, expected: dict[str, torch.Tensor]) -> None:
+    """A finished layer's file into the checkpoint: linked as it is, or rewritten in the model's
+    dtype when the plan stores another dtype than the layer loop computed in (--dtype)."""
+    with safe_open(str(source), framework="pt") as f:
+        keys = list(f.keys())
+        cast = [k for k in keys if k in expected and expected[k].is_floating_point()
+                and _DTYPES.get(f.get_slice(k).get_dtype()) != expected[k].dtype]
+        if not cast:
+            tensors = None
+        else:
+            tensors = {k: f.get_tensor(k).to(expected[k].dtype) if k in cast else f.get_tensor(k) for k in keys}
+    if tensors is None:
+        _link_or_copy(source, target)
+    else:
+        save_file(tensors, str(target), metadata={"format": "pt"})
+
+
 def write_streamed_checkpoint(directory: Path, model: nn.Module, store: SafetensorsLayerStore, layer_files) -> None:
     """Write config.json, the weights and their index into `directory` (created), one tensor or one finished
     layer at a time: every decoder layer from its work-directory file (`layer_files[i]`), every
@@ -238,7 +255,7 @@ def write_streamed_checkpoint(directory: Path, model: nn.Module, store: Safetens
         del tensor
     for index in range(num_layers):
         name = shard(len(others) + index)
-        _link_or_copy(Path(layer_files[index]), directory / name)
+        _copy_layer_file(Path(layer_files[index]), directory / name, expected)
         with safe_open(str(directory / name), framework="pt") as f:
             for key in f.keys():
                 weight_map[key] = name

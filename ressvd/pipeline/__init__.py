@@ -1,4 +1,4 @@
-"""The run plan and its stages: calibrate → allocate → factorise → heal (one file each)."""
+"""The run plan and its stages: calibrate → allocate → factorise → heal → store (one file each)."""
 from .plan import CalibrationSpec, Eligibility, RunPlan
 from .report import CompressionReport, checkpoint_record
 from .run import STAGES, run_plan

@@ -5,7 +5,7 @@ healers, with every default filled in (the method's own allocation and statistic
 run can or cannot use a calibration profile or layer streaming. The CLI builds one from its flags,
 the Python API from keyword arguments; `ressvd.pipeline.run.run_plan` then runs its stages:
 
-    calibrate → allocate → factorise (with a layer-scope healer inside the layer loop) → heal
+    calibrate → allocate → factorise (with a layer-scope healer inside the layer loop) → heal → store
 
 Each stage is one small file of this package. `record()` is what the work directory compares
 between an interrupted run and its rerun, in the API's own terms.
@@ -23,6 +23,10 @@ from ..calibration.engine import STREAMS, EngineOptions, streams_needed
 from ..device import resolve_device
 from ..healing import Healer, get_healer
 from ..methods import CompressionMethod, get_method
+
+
+# the dtypes a checkpoint may be stored in (ressvd.pipeline.store)
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -86,6 +90,7 @@ class RunPlan:
     allocation_options: dict[str, Any] = field(default_factory=dict)
     healers: tuple[Healer, ...] = ()
     heal_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dtype: str | None = None  # the checkpoint's storage dtype (ressvd.pipeline.store); None keeps the source's
     progress: bool = True
 
     @classmethod
@@ -93,7 +98,8 @@ class RunPlan:
               allocation: str | None = None, allocation_options: dict | None = None, stats: str | None = None,
               sequential: bool = False, calibration: CalibrationSpec | None = None,
               heal: str | list[str] | None = None, heal_options: dict[str, dict] | None = None,
-              device: str | torch.device | None = None, batch_size: int = 8, progress: bool = True) -> "RunPlan":
+              device: str | torch.device | None = None, batch_size: int = 8, dtype: str | None = None,
+              progress: bool = True) -> "RunPlan":
         """Resolve every default once; bad settings fail here, before minutes of model loading."""
         ratio = validate_ratio(ratio)
         method_options, allocation_options = dict(method_options or {}), dict(allocation_options or {})
@@ -114,8 +120,12 @@ class RunPlan:
             raise ValueError("at most one layer-scope healer per run")
         calibration = copy.copy(calibration) if calibration is not None else CalibrationSpec()
         calibration.validate()
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)} (or None: the source model's), "
+                             f"got {dtype!r}")
         return cls(method_obj, allocator, ratio, stats, bool(sequential), calibration, int(batch_size),
-                   resolve_device(device), method_options, allocation_options, healers, heal_options, progress)
+                   resolve_device(device), method_options, allocation_options, healers, heal_options, dtype,
+                   progress)
 
     # ----------------------------------------------------------------------------- what it runs
     @property
@@ -176,5 +186,5 @@ class RunPlan:
             "allocation": self.allocator.name, "allocation_options": self.allocation_options,
             "stats": self.stats, "sequential": self.sequential, "calibration": self.calibration.to_dict(),
             "heal": [h.name for h in self.healers], "heal_options": {h.name: h.options for h in self.healers},
-            "batch_size": self.batch_size, "device": str(self.device),
+            "batch_size": self.batch_size, "device": str(self.device), "dtype": self.dtype,
         }

@@ -1,6 +1,6 @@
 """Run a plan: its stages in order over one model, then the report.
 
-    calibrate → allocate → factorise → heal
+    calibrate → allocate → factorise → heal → store
 
 A stage is a module of this package with NAME and run(state); a new stage (refit, say) is one
 more file and one more entry in STAGES."""
@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from ..models.registry import adapter_for
-from . import allocate, calibrate, factorise, heal
+from . import allocate, calibrate, factorise, heal, store
 from .plan import RunPlan
 from .report import CompressionReport, build_report, checkpoint_record
 from .state import RunContext, RunState
 
-STAGES = (calibrate, allocate, factorise, heal)
+STAGES = (calibrate, allocate, factorise, heal, store)
 
 
 def run_plan(plan: RunPlan, model: nn.Module, tokenizer=None, *, calibration: torch.Tensor | None = None,
