@@ -3,7 +3,10 @@
 A directory that `save_pretrained` wrote (config.json + safetensors + tokenizer files), whose
 config.json carries a `ressvd` block: the format version, how it was made, and the rank of every
 factorised linear. The factors are stored as `<linear>.A.weight` (m x r) and `<linear>.B.weight`
-(r x n) in the model's own dtype.
+(r x n) in the model's own dtype; or, when the record has a `quantization` entry (ressvd.quantize),
+as torchao int8 tensors in transformers' torchao layout: `<linear>.A._weight_qdata` (int8, m x r),
+`._weight_scale` and `._weight_zero_point` (one per row), described in the safetensors metadata, with
+config.json's `quantization_config` naming the torchao config.
 """
 from __future__ import annotations
 

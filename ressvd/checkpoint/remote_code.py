@@ -24,7 +24,7 @@ AUTO_CLASS = "AutoModelForCausalLM"
 # What the modeling file holds, in order; each is copied from its ressvd source.
 _EMBEDDED = (lowrank.LowRankLinear, fused.FusedLowRankGroup, fused.FusedLowRankMember, fused.group_module_name,
              fused.validate_layout, fused.fuse_group, runtime.swap_in_lowrank, runtime.check_record, runtime.apply_record,
-             runtime.CompressedModelMixin)
+             runtime.check_loaded_weights, runtime.CompressedModelMixin)
 
 _HEADER = '''\
 """Modeling code of a ressvd compressed checkpoint (written by ressvd {version}).
@@ -35,7 +35,9 @@ _HEADER = '''\
 builds {base} with the low-rank modules named in config.json's "ressvd" block (y = A(Bx); in the
 fused layout, linears that read one input share one stacked B) and loads the factors into them.
 A config or weights that do not match raise CorruptCheckpointError: the checkpoint never loads as a
-dense model with random weights. Self-contained: imports only torch and transformers.
+dense model with random weights. Factors quantised to int8 (a "quantization" entry in the record)
+load through transformers' torchao integration ("quantization_config"; needs torchao installed).
+Self-contained: imports only torch and transformers.
 """
 from __future__ import annotations
 

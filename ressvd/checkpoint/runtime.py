@@ -8,9 +8,10 @@ its low-rank modules or not at all, never as a dense model with random weights.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..modules.fused import fuse_group, validate_layout
+from ..modules.fused import FusedLowRankGroup, FusedLowRankMember, fuse_group, validate_layout
 from ..modules.lowrank import LowRankLinear
 
 
@@ -45,6 +46,11 @@ def check_record(record, error: type[Exception] = ValueError, format_version: in
     if not isinstance(ranks, dict) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                                               for r in ranks.values()):
         raise error("config.json 'ressvd.ranks' must map module names to ranks >= 1")
+    quantization = record.get("quantization")
+    if quantization is not None and not (isinstance(quantization, dict) and quantization.get("scheme") == "int8"
+                                         and quantization.get("library") == "torchao"):
+        raise error(f"unknown quantization {quantization!r} in the ressvd record; this code reads factors "
+                    "quantised to int8 by torchao (scheme 'int8', library 'torchao')")
     return ranks
 
 
@@ -58,6 +64,46 @@ def apply_record(model: nn.Module, record, error: type[Exception] = ValueError, 
             fuse_group(model, names)
         except ValueError as err:
             raise error(f"fused group {names}: {err}") from err
+
+
+def check_loaded_weights(model: nn.Module, record, error: type[Exception] = ValueError) -> None:
+    """After loading: every nn.Linear holds a weight of its own shape (transformers skips that check
+    for the weights its torchao quantizer rebuilds), and the low-rank factors are int8 torchao
+    tensors (int8 values, one scale per output row) exactly where the record's `quantization` says
+    so; no other weight is quantised. Raise `error` otherwise."""
+    quantization = record.get("quantization") if isinstance(record, dict) else None
+    factors = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LowRankLinear):
+            factors.update((prefix + "A", prefix + "B"))
+        elif isinstance(module, FusedLowRankGroup):
+            factors.add(prefix + "B")
+        elif isinstance(module, FusedLowRankMember):
+            factors.add(prefix + "A")
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight, shape = module.weight, (module.out_features, module.in_features)
+        if tuple(weight.shape) != shape:
+            raise error(f"{name}.weight has shape {tuple(weight.shape)}, the module {shape}")
+        qdata = getattr(weight, "qdata", None)
+        if quantization and name in factors:
+            what = f"{name}.weight ({type(weight).__name__}"
+            what += f", {qdata.dtype} data)" if isinstance(qdata, torch.Tensor) else ")"
+            if type(weight).__name__ != "Int8Tensor" or not isinstance(qdata, torch.Tensor) or qdata.dtype != torch.int8:
+                raise error(f"{what} is not an int8 torchao tensor, but the ressvd record says the factors are "
+                            f"quantised {quantization.get('scheme')!r}")
+            per_row = (shape[0], 1)
+            zero_point = getattr(weight, "zero_point", None)
+            if (tuple(qdata.shape) != shape or tuple(weight.scale.shape) != per_row
+                    or list(weight.block_size) != [1, shape[1]]
+                    or (zero_point is not None and tuple(zero_point.shape) != per_row)):
+                raise error(f"{name}.weight: int8 data {tuple(qdata.shape)}, scales {tuple(weight.scale.shape)}, "
+                            f"blocks {list(weight.block_size)}; the module needs {shape} with one scale per row")
+        elif isinstance(qdata, torch.Tensor) or not weight.is_floating_point():
+            raise error(f"{name}.weight is quantised ({type(weight).__name__}), but the ressvd record "
+                        + ("quantises only the low-rank factors" if quantization else "records no quantization"))
 
 
 class CompressedModelMixin:
@@ -80,4 +126,5 @@ class CompressedModelMixin:
                     if key in ("missing_keys", "unexpected_keys", "mismatched_keys") and value}
         if problems:
             raise cls.ressvd_error(f"weights do not match the recorded low-rank structure: {problems}")
+        check_loaded_weights(model, getattr(model.config, "ressvd", None), cls.ressvd_error)
         return (model, info) if want_info else model
