@@ -59,6 +59,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="distill: training token budget (same as --heal-option distill:tokens=N)")
     p.add_argument("--heal-train", choices=["factors", "lora"], default=None,
                    help="distill: train the factors, or LoRA adapters on them merged back (distill:train=...)")
+    p.add_argument("--refit", nargs="?", const="compressed", choices=["compressed", "anchored"], default=None,
+                   help="refit each left factor by least squares on the compressed prefix's inputs, to the layer's "
+                        "output on them (compressed, SVD-LLM's update; the default of a bare --refit) or to the "
+                        "dense layer's output (anchored)")
+    p.add_argument("--refit-ridge", type=float, default=0.0, help="ridge of the refit, a fraction of mean diag(B H Bᵀ)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="the checkpoint's dtype (factors computed in float64, then stored in it); default: the "
                         "source model's (float32 for a GGUF source, which is dequantised)")
@@ -176,7 +181,7 @@ def build_plan(args):
         calibration=CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed,
                                     allow_test_split=args.allow_test_calibration),
         heal=args.heal, heal_options=heal_options, device=args.device, batch_size=args.batch_size,
-        dtype=args.dtype)
+        dtype=args.dtype, refit=args.refit, refit_ridge=args.refit_ridge)
 
 
 def _compress(args, plan=None) -> dict:

@@ -29,6 +29,7 @@ from ..models.registry import ArchitectureAdapter
 from ..modules.lowrank import LowRankLinear
 from ..modules.replace import replace_submodule
 from .capture import capture_first_layer_inputs, map_tensors, run_layer
+from .refit import REFIT_TARGETS, refit_left_factor
 from .stats import GroupStats, InputStats
 
 STREAMS = ("dense", "compressed")
@@ -102,10 +103,14 @@ class EngineOptions:
     gram_dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
     progress: bool = True
+    refit: str | None = None  # least-squares update of each left factor (ressvd.calibration.refit): target
+    refit_ridge: float = 0.0
 
     def __post_init__(self):
         if self.stats not in STREAMS:
             raise ValueError(f"stats must be one of {STREAMS}, got {self.stats!r}")
+        if self.refit is not None and self.refit not in REFIT_TARGETS:
+            raise ValueError(f"refit must be one of {REFIT_TARGETS} or None, got {self.refit!r}")
 
 
 @dataclass
@@ -133,8 +138,10 @@ def streams_needed(method: CompressionMethod, options: EngineOptions, healer=Non
     """The activation streams a run computes, in STREAMS order. A layer-scope healer needs both:
     it fits the compressed stream's inputs to the dense stream's outputs."""
     wanted = {options.stats} | (set(method.streams) - {"primary"})
-    if healer is not None:
+    if healer is not None or options.refit == "anchored":
         wanted |= {"dense", "compressed"}
+    elif options.refit == "compressed":
+        wanted.add("compressed")
     return [s for s in STREAMS if s in wanted]
 
 
@@ -418,8 +425,10 @@ def _layer_modules(result: EngineResult, adapter: ArchitectureAdapter, index: in
     return {name: info for name, info in result.modules.items() if name.startswith(prefix)}
 
 
-def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan, method, result) -> None:
-    """Factorise every planned linear of the groups in `stats` and swap in its low-rank module."""
+def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan, method, result,
+                      options: EngineOptions | None = None) -> None:
+    """Factorise every planned linear of the groups in `stats` (then refit its left factor when the
+    options ask for it) and swap in its low-rank module."""
     prefix = f"{adapter.layers_path}.{index}."
     for g, group_stats in stats.items():
         for name in adapter.input_groups[g]:
@@ -433,10 +442,15 @@ def _factorize_groups(index, layer, stats: dict[int, GroupStats], adapter, plan,
                 # caught here, at the layer that made it, not as non-finite logits at evaluation
                 raise DecompositionError(f"{full}: method {method.name!r} produced non-finite factors "
                                          f"at rank {plan.rank(full)}")
+            info = dict(factors.info)
+            A = factors.A
+            if options is not None and options.refit is not None:
+                A, info["refit"] = refit_left_factor(weight, factors.A, factors.B, group_stats, options.refit,
+                                                     options.refit_ridge)
             bias = linear.bias.detach() if linear.bias is not None else None
             replace_submodule(layer, name, LowRankLinear.from_factors(
-                factors.A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))
-            result.modules[full] = {"rank": plan.rank(full), "shape": list(weight.shape), **factors.info}
+                A, factors.B, bias, dtype=linear.weight.dtype, device=linear.weight.device))
+            result.modules[full] = {"rank": plan.rank(full), "shape": list(weight.shape), **info}
 
 
 @torch.no_grad()
@@ -470,7 +484,8 @@ def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, me
         start = time.perf_counter()
         hooked = {g: watched[g] for g in stage}
         collector = _StatsCollector(hooked, streams, _group_widths(layer, hooked), options.gram_dtype,
-                                    options.device, cross=two_streams and method.needs_cross)
+                                    options.device, cross=two_streams and (method.needs_cross
+                                                                           or options.refit == "anchored"))
         runners = {"dense": dense_layer, "compressed": layer}
         handles = [collector.hook_module(runners[s].get_submodule(hooked[g]), g) for g in stage for s in streams]
         try:
@@ -491,7 +506,7 @@ def _compress_one_layer(index, layer, kwargs, hidden, streams, adapter, plan, me
         if dense_stats is not None:
             dense_stats.update({g: collector.stats[(g, "dense")] for g in stage})
         _factorize_groups(index, layer, {g: collector.group_stats(g, options.stats) for g in stage if g in active},
-                          adapter, plan, method, result)
+                          adapter, plan, method, result, options)
         del collector
         result.seconds["factorize"] += time.perf_counter() - start
 

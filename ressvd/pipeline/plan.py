@@ -5,7 +5,7 @@ healers, with every default filled in (the method's own allocation and statistic
 run can or cannot use a calibration profile or layer streaming. The CLI builds one from its flags,
 the Python API from keyword arguments; `ressvd.pipeline.run.run_plan` then runs its stages:
 
-    calibrate → allocate → factorise (with a layer-scope healer inside the layer loop) → heal → store
+    calibrate → allocate → factorise (refit and a layer-scope healer inside the layer loop) → heal → store
 
 Each stage is one small file of this package. `record()` is what the work directory compares
 between an interrupted run and its rerun, in the API's own terms.
@@ -20,6 +20,7 @@ import torch
 
 from ..allocation import Allocator, get_allocator, validate_ratio
 from ..calibration.engine import STREAMS, EngineOptions, streams_needed
+from ..calibration.refit import REFIT_TARGETS
 from ..device import resolve_device
 from ..healing import Healer, get_healer
 from ..methods import CompressionMethod, get_method
@@ -91,6 +92,8 @@ class RunPlan:
     healers: tuple[Healer, ...] = ()
     heal_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     dtype: str | None = None  # the checkpoint's storage dtype (ressvd.pipeline.store); None keeps the source's
+    refit: str | None = None  # left-factor least-squares update target (ressvd.calibration.refit), or None
+    refit_ridge: float = 0.0
     progress: bool = True
 
     @classmethod
@@ -99,7 +102,7 @@ class RunPlan:
               sequential: bool = False, calibration: CalibrationSpec | None = None,
               heal: str | list[str] | None = None, heal_options: dict[str, dict] | None = None,
               device: str | torch.device | None = None, batch_size: int = 8, dtype: str | None = None,
-              progress: bool = True) -> "RunPlan":
+              refit: str | None = None, refit_ridge: float = 0.0, progress: bool = True) -> "RunPlan":
         """Resolve every default once; bad settings fail here, before minutes of model loading."""
         ratio = validate_ratio(ratio)
         method_options, allocation_options = dict(method_options or {}), dict(allocation_options or {})
@@ -123,9 +126,13 @@ class RunPlan:
         if dtype is not None and dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)} (or None: the source model's), "
                              f"got {dtype!r}")
+        if refit is not None and refit not in REFIT_TARGETS:
+            raise ValueError(f"refit must be one of {', '.join(REFIT_TARGETS)} (or None), got {refit!r}")
+        if not refit_ridge >= 0:
+            raise ValueError(f"refit_ridge must be >= 0, got {refit_ridge}")
         return cls(method_obj, allocator, ratio, stats, bool(sequential), calibration, int(batch_size),
                    resolve_device(device), method_options, allocation_options, healers, heal_options, dtype,
-                   progress)
+                   refit, float(refit_ridge), progress)
 
     # ----------------------------------------------------------------------------- what it runs
     @property
@@ -138,7 +145,8 @@ class RunPlan:
 
     def engine_options(self, progress: bool | None = None) -> EngineOptions:
         return EngineOptions(stats=self.stats, sequential=self.sequential, batch_size=self.batch_size,
-                             device=self.device, progress=self.progress if progress is None else progress)
+                             device=self.device, progress=self.progress if progress is None else progress,
+                             refit=self.refit, refit_ridge=self.refit_ridge)
 
     @property
     def streams(self) -> list[str]:
@@ -187,4 +195,5 @@ class RunPlan:
             "stats": self.stats, "sequential": self.sequential, "calibration": self.calibration.to_dict(),
             "heal": [h.name for h in self.healers], "heal_options": {h.name: h.options for h in self.healers},
             "batch_size": self.batch_size, "device": str(self.device), "dtype": self.dtype,
+            "refit": self.refit, "refit_ridge": self.refit_ridge,
         }
