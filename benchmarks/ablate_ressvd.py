@@ -43,6 +43,11 @@ ROWS = {
         method="ressvd", method_options={"residual": "error-controlled"},
         allocation_options={"k": "auto", "criterion": "hidden"}),
     "ResSVD plain residual": dict(method="ressvd", method_options={"residual": "plain"}),
+    # refit (ressvd.calibration.refit): the left factor re-solved on the compressed prefix's inputs
+    "svd-llm + refit": dict(method="svd-llm", refit="compressed"),
+    "svd-llm + refit anchored": dict(method="svd-llm", refit="anchored"),
+    "ResSVD + refit anchored": dict(method="ressvd", refit="anchored"),
+    "ResSVD + refit anchored ridge 0.01": dict(method="ressvd", refit="anchored", refit_ridge=0.01),
 }
 
 

@@ -234,7 +234,10 @@ def cmd_eval(args) -> int:
     model, tokenizer = load(args.model, device=_device(args.device), device_map=args.device_map)
     if tokenizer is None:
         raise ValueError(f"{args.model} holds no tokenizer; cannot evaluate perplexity")
-    _check_disjoint(((getattr(model.config, "ressvd", None) or {}).get("calibration") or {}).get("source"), args)
+    calibrated_on = ((getattr(model.config, "ressvd", None) or {}).get("calibration") or {}).get("source")
+    if calibrated_on == "c4":  # recorded before the C4 split (runs now record c4-calib): the whole file
+        calibrated_on = "c4-reference"
+    _check_disjoint(calibrated_on, args)
     results = {"model": str(args.model), "model_type": getattr(model.config, "model_type", None),
                "params": total_params(model), "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
                "ppl": _perplexities(model, tokenizer, args)}

@@ -279,3 +279,13 @@ def test_cli_eval_refuses_a_dataset_the_checkpoint_was_calibrated_on(monkeypatch
     assert main(["eval", "checkpoint", "--datasets", "wikitext2,c4-val"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ressvd: error: evaluating 'c4-val'") and "c4-reference" in err
+
+
+def test_cli_eval_reads_an_old_c4_record_as_the_whole_file(monkeypatch, capsys):
+    """Checkpoints made before the split record "c4" for a walk over the whole file (runs since record
+    c4-calib): their C4 evaluation would score calibration documents, so it is refused."""
+    record = {"calibration": {"source": "c4", "nsamples": 16, "seqlen": 512, "seed": 0}}
+    model = types.SimpleNamespace(config=types.SimpleNamespace(ressvd=record, model_type="llama"))
+    monkeypatch.setattr(ressvd, "load", lambda *args, **kwargs: (model, object()))
+    assert main(["eval", "checkpoint", "--datasets", "c4"]) == 2
+    assert "c4-reference" in capsys.readouterr().err
