@@ -10,6 +10,14 @@ Two activation streams exist (methods.md §1.5):
   (llm-compressor's `propagate_error`).
 `EngineOptions.stats` picks the stream a method's `primary` statistics come from; a method that
 declares both streams (error-controlled fitting) gets both, plus their cross term.
+
+Two optional steps run inside the loop, right after a layer's linears are factorised:
+- refit (`EngineOptions.refit`, ressvd.calibration.refit): each left factor re-solved by least
+  squares on the compressed stream's inputs;
+- a layer-scope healer (ressvd.healing, e.g. `local`): the layer's factors trained so that, on the
+  compressed stream's inputs, it reproduces the dense layer's outputs on the dense stream.
+Both need the compressed stream (and the anchored refit and the healer the dense one too), so
+they add those streams to the run.
 """
 from __future__ import annotations
 

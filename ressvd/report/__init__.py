@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .plots import plot_heal_curves, plot_ppl_vs_ratio, plot_rank_heatmap, plot_zeroshot_vs_ratio
+from .plots import plot_sensitivity
 from .runs import EVAL_GLOB, REPORT_FILE, RunDirError, load_run
 from .summary import json_summary, markdown
 
@@ -31,6 +32,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, metric: str = "
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["name"])
             if (p := plot_rank_heatmap(r, out / f"ranks-{safe}.png")) is not None:
                 plots[f"ranks-{safe}"] = p
+            if (p := plot_sensitivity(r, out / f"sensitivity-{safe}.png")) is not None:
+                plots[f"sensitivity-{safe}"] = p
     relative = {name: path.name for name, path in plots.items()}
     (out / "report.md").write_text(markdown(records, relative, metric))
     (out / "report.json").write_text(json.dumps(json_summary(records, relative), indent=2, default=str))

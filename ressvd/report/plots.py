@@ -237,3 +237,70 @@ def plot_heal_curves(records: list[dict], out: Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _unit_order(unit: str) -> tuple:
+    """'3' -> (3, ''), '3.mlp' -> (3, 'mlp'): layers in order, a layer's parts by name."""
+    layer, _, part = str(unit).partition(".")
+    return (int(layer), part) if layer.isdigit() else (10**9, str(unit))
+
+
+def plot_sensitivity(record: dict, out: Path) -> Path | None:
+    """The sensitivity allocation's measurements (allocation_details["sensitivity"]): units (layers,
+    or layer parts) down, candidate ratios across, with ratio 0 (dense, Δ = 0) first; colour = the
+    held-out loss increase Δ with that unit alone compressed (inf: blank); the chosen ratio of each unit
+    framed (the frame straddles two columns when it lies between candidates) and written in the row label."""
+    import numpy as np
+    details = record.get("allocation_details") or {}
+    sensitivity = details.get("sensitivity")
+    if not sensitivity:
+        return None
+    units = sorted(sensitivity, key=_unit_order)
+    candidates = sorted({float(k) for u in units for k in sensitivity[u]})
+    columns = [0.0] + candidates
+    values = np.full((len(units), len(columns)), np.nan)
+    for i, unit in enumerate(units):
+        values[i, 0] = 0.0
+        for key, delta in sensitivity[unit].items():
+            values[i, columns.index(float(key))] = float(delta)
+    finite = values[np.isfinite(values)]
+    plt = _plt()
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if low < 0 < high:
+        cmap, norm = "RdBu_r", TwoSlopeNorm(0.0, low, high)
+    else:
+        cmap, norm = "magma_r", None
+    masked = np.ma.masked_invalid(values)
+    fig, ax = plt.subplots(figsize=(2.4 + 0.75 * len(columns), 1.3 + 0.26 * len(units)))
+    image = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, vmin=None if norm else low,
+                      vmax=None if norm else high)
+    for i in range(len(units)):
+        for j in range(len(columns)):
+            v = values[i, j]
+            strong = np.isfinite(v) and abs(v) > 0.6 * max(abs(low), abs(high))
+            ax.text(j, i, "inf" if np.isinf(v) else ("" if np.isnan(v) else f"{v:.3g}"), ha="center", va="center",
+                    fontsize=5.5, color="white" if strong else "black")
+    chosen = details.get("ratios") or {}
+    labels = []
+    for i, unit in enumerate(units):
+        rho = chosen.get(unit)
+        if rho is None:
+            labels.append(str(unit))
+            continue
+        x = float(np.interp(float(rho), columns, range(len(columns))))
+        ax.add_patch(Rectangle((x - 0.46, i - 0.44), 0.92, 0.88, fill=False, edgecolor="black", linewidth=1.4))
+        labels.append(f"{unit}  → {float(rho):.2f}")
+    ax.set_xticks(range(len(columns)), [f"{c:g}" for c in columns], fontsize=8)
+    ax.set_yticks(range(len(units)), labels, fontsize=6.5)
+    ax.set_xlabel("ratio of the unit alone (0: dense)", fontsize=8)
+    ax.set_ylabel("unit → chosen ratio", fontsize=8)
+    base = details.get("base_loss")
+    ax.set_title(f"{record.get('name', '')}: held-out Δ loss ({record.get('method')} @ {record.get('ratio')}"
+                 + (f", dense {base:.3f}" if isinstance(base, (int, float)) else "") + ")", fontsize=8)
+    fig.colorbar(image, ax=ax, label="Δ next-token NLL (nats)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

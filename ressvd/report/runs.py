@@ -76,6 +76,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
             "shapes": {name: m.get("shape") for name, m in (rep.get("modules") or {}).items() if m.get("shape")},
             "method_options": rep.get("method_options") or {},
             "heal": heal_records(rep),
+            "allocation_details": rep.get("allocation_details"),
         })
     for eval_path in sorted(path.glob(EVAL_GLOB)):
         _merge_eval(record, _read_json(eval_path))

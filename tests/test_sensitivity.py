@@ -1,0 +1,258 @@
+"""`--allocation sensitivity`: per-layer ratios from the held-out loss increase of each layer
+compressed alone (ressvd/allocation/sensitivity.py)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import ressvd
+from ressvd.allocation import Allocator, get_allocator, rank_for_ratio, register_allocator
+from ressvd.allocation import sensitivity as sens
+from ressvd.allocation.base import finalize
+from ressvd.counting import decoder_linears
+from ressvd.models import adapter_for
+from ressvd.modules import LowRankLinear
+
+from .conftest import clone
+from .float64 import float64_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+# The default split of the 12 calibration sequences: the last round(0.25 * 12) = 3 are held out,
+# each probe is fitted on the first 8 (fit_samples) of the other 9.
+FIT, HELD = slice(0, 8), slice(9, 12)
+
+
+def specs(model):
+    return decoder_linears(model, adapter_for(model.config))
+
+
+def removed_params(matrices, ranks):
+    return sum(m.dense_params - m.params_at(ranks[m.name]) for m in matrices)
+
+
+def assert_exact_budget(matrices, ranks, ratio):
+    """Removed >= ratio * total, and the excess is less than one rank (m+n) of any compressed matrix."""
+    total = sum(m.dense_params for m in matrices)
+    removed = removed_params(matrices, ranks)
+    smallest = min(m.out_features + m.in_features for m in matrices if ranks[m.name] is not None)
+    assert removed >= ratio * total
+    assert removed - ratio * total < smallest, (removed - ratio * total, smallest)
+    return removed / total
+
+
+@register_allocator
+class _OneLayer(Allocator):
+    """Test allocation: one layer at the uniform rank of `ratio`, every other matrix dense."""
+    name = "test-one-layer"
+    summary = "test only"
+
+    def __init__(self, layer: int = 0, ratio: float = 0.4, part: str | None = None):
+        self.layer, self.ratio, self.part = layer, ratio, part
+
+    def allocate(self, matrices, ratio, num_layers, statistics=None, weights=None):
+        return finalize(matrices, {m.name: rank_for_ratio(m.out_features, m.in_features, self.ratio)
+                                   for m in matrices if m.layer == self.layer
+                                   and (self.part is None or m.linear.startswith(self.part + "."))})
+
+
+@register_allocator
+class _FixedRanks(Allocator):
+    name = "test-fixed-ranks"
+    summary = "test only"
+
+    def __init__(self, ranks=None):
+        self.ranks = dict(ranks or {})
+
+    def allocate(self, matrices, ratio, num_layers, statistics=None, weights=None):
+        return {m.name: self.ranks.get(m.name) for m in matrices}
+
+
+def held_out_loss(model, ids):
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[:, :-1].double()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_sensitivity_allocation_meets_the_budget_exactly(tiny_model, calib_ids, groups):
+    report = ressvd.compress(tiny_model, calibration=calib_ids, ratio=0.3, method="svd-llm",
+                             allocation="sensitivity", allocation_options={"groups": groups}, progress=False)
+    matrices = specs(tiny_model)
+    achieved = assert_exact_budget(matrices, report.ranks, 0.3)
+    assert report.achieved_ratio["decoder_linears"] == pytest.approx(achieved)
+    details = report.allocation_details
+    units = [str(i) for i in range(4)] if not groups else [f"{i}.{p}" for i in range(4) for p in ("self_attn", "mlp")]
+    assert sorted(details["sensitivity"]) == sorted(units) and sorted(details["ratios"]) == sorted(units)
+    for unit in units:
+        assert list(details["sensitivity"][unit]) == ["0.2", "0.4", "0.6", "0.8"]
+        assert all(math.isfinite(v) for v in details["sensitivity"][unit].values())
+    assert math.isfinite(details["base_loss"]) and report.search["probes"] == 4 * len(units)
+    # the chosen ratios remove the budget to within the DP's grid (0.01 of the smallest unit)
+    sizes = {u: sum(m.dense_params for m in matrices if sens.unit_of(m, groups) == u) for u in units}
+    planned = sum(details["ratios"][u] * sizes[u] for u in units) / sum(sizes.values())
+    assert planned == pytest.approx(0.3, abs=0.01 * min(sizes.values()) / sum(sizes.values()) + 1e-12)
+    for m in matrices:  # a unit at ratio 0 stays dense; the others follow the uniform rule to within the fix-up
+        rho = details["ratios"][sens.unit_of(m, groups)]
+        if rho == 0:
+            assert report.ranks[m.name] is None
+        else:
+            assert abs(report.ranks[m.name] - rank_for_ratio(m.out_features, m.in_features, rho)) <= 1
+            assert isinstance(tiny_model.get_submodule(m.name), LowRankLinear)
+
+
+def test_a_layer_of_infinite_sensitivity_stays_dense(tiny_llama, calib_ids, monkeypatch):
+    measure = sens.measure_sensitivity
+
+    def patched(*args, **kwargs):
+        base, sensitivity = measure(*args, **kwargs)
+        sensitivity["2"] = {k: math.inf for k in sensitivity["2"]}
+        return base, sensitivity
+
+    monkeypatch.setattr(sens, "measure_sensitivity", patched)
+    report = ressvd.compress(tiny_llama, calibration=calib_ids, ratio=0.3, method="svd-llm",
+                             allocation="sensitivity", progress=False)
+    matrices = specs(tiny_llama)
+    assert all(report.ranks[m.name] is None for m in matrices if m.layer == 2)
+    assert report.allocation_details["ratios"]["2"] == 0.0
+    assert_exact_budget(matrices, report.ranks, 0.3)
+    # a JSON round trip (the work directory, the report file) keeps inf
+    import json
+    assert json.loads(json.dumps(report.allocation_details))["sensitivity"]["2"]["0.4"] == math.inf
+
+
+def test_a_probe_that_fails_to_factorise_counts_as_infinite(tiny_llama, calib_ids, monkeypatch):
+    from ressvd.calibration import engine
+    from ressvd.methods.linalg import DecompositionError
+    compress_layerwise = engine.compress_layerwise
+
+    def failing(model, adapter, ids, plan, *args, **kwargs):
+        if any(name.startswith("model.layers.1.") and r is not None for name, r in plan.ranks.items()):
+            raise DecompositionError("test: non-finite factors")
+        return compress_layerwise(model, adapter, ids, plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "compress_layerwise", failing)  # the probes only: the pipeline holds its own
+    report = ressvd.compress(tiny_llama, calibration=calib_ids, ratio=0.3, method="svd-llm",
+                             allocation="sensitivity", progress=False)
+    assert set(report.allocation_details["sensitivity"]["1"].values()) == {math.inf}
+    assert all(r is None for name, r in report.ranks.items() if name.startswith("model.layers.1."))
+    assert_exact_budget(specs(tiny_llama), report.ranks, 0.3)
+
+
+@pytest.mark.parametrize("model_name,groups", [("tiny_llama", False), ("tiny_gemma3", True)])
+def test_measured_delta_is_the_held_out_loss_increase(model_name, groups, calib_ids, request):
+    """Each Δ equals the held-out next-token loss of the model with only that unit compressed (on
+    the fit sequences, through the pipeline) minus the dense model's, both from the model's own
+    forward; the probes leave the model as it was, so the final model equals a fixed-ranks run."""
+    model = float64_model(request.getfixturevalue(model_name))  # float64: see tests/float64.py
+    dense = clone(model)
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
+                             allocation_options={"groups": groups}, progress=False)
+    details = report.allocation_details
+    base = held_out_loss(dense, calib_ids[HELD])
+    # the search scores the final normed states in float32 (about 1e-7 relative on the loss)
+    assert details["base_loss"] == pytest.approx(base, rel=1e-6)
+    probes = [("1", 0.4), ("3", 0.8)] if not groups else [("0.self_attn", 0.6), ("2.mlp", 0.2)]
+    for unit, ratio in probes:
+        layer, _, part = unit.partition(".")
+        candidate = clone(dense)
+        ressvd.compress(candidate, calibration=calib_ids[FIT], ratio=0.3, method="svd-llm",
+                        allocation="test-one-layer",
+                        allocation_options={"layer": int(layer), "ratio": ratio, "part": part or None}, progress=False)
+        expected = held_out_loss(candidate, calib_ids[HELD]) - base
+        assert details["sensitivity"][unit][repr(ratio)] == pytest.approx(expected, abs=2e-6), (unit, ratio)
+    fixed = clone(dense)
+    ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="test-fixed-ranks",
+                    allocation_options={"ranks": report.ranks}, progress=False)
+    for (name, p), q in zip(model.named_parameters(), fixed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def synthetic(weights, ratios=(0.2, 0.4, 0.6, 0.8), shape=lambda c: c * c):
+    return {str(u): {repr(c): w * shape(c) for c in ratios} for u, w in enumerate(weights)}
+
+
+def test_a_more_sensitive_layer_never_gets_a_higher_ratio():
+    """Same-size units with Δ_u = w_u·c² (so Δ_a − Δ_b increases with c when w_a > w_b): the ratios
+    are ordered opposite to w, at every budget."""
+    weights = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    sensitivity = synthetic(weights)
+    sizes = {str(u): 1000 for u in range(len(weights))}
+    for ratio in (0.1, 0.23, 0.3, 0.45, 0.6, 0.77):
+        chosen = sens.choose_ratios(sensitivity, sizes, ratio)
+        for a, b in itertools.permutations(range(len(weights)), 2):
+            if weights[a] > weights[b]:
+                assert chosen[str(a)] <= chosen[str(b)], (ratio, chosen)
+        assert sum(chosen.values()) * 1000 == pytest.approx(ratio * 6000, abs=10 + 1e-9)
+
+
+def test_the_dp_finds_the_best_grid_choice_on_non_convex_sensitivities():
+    """Random non-convex (even negative) Δ: the DP's Σ Δ equals the brute-force optimum over every
+    combination of grid ratios that removes the budget."""
+    generator = torch.Generator().manual_seed(3)
+    ratios = (0.2, 0.4, 0.6, 0.8)
+    for trial in range(5):
+        values = (torch.rand(4, 4, generator=generator) - 0.2).tolist()
+        sensitivity = {str(u): {repr(c): v for c, v in zip(ratios, values[u])} for u in range(4)}
+        sizes = {str(u): 100 for u in range(4)}
+        for ratio in (0.2, 0.35):
+            chosen = sens.choose_ratios(sensitivity, sizes, ratio, step=0.1)
+            got = sum(sens.interpolate(sensitivity[u], r) for u, r in chosen.items())
+            grid = sens.ratio_grid(list(ratios), 0.1)
+            best = min(sum(sens.interpolate(sensitivity[str(u)], r) for u, r in enumerate(combo))
+                       for combo in itertools.product(grid, repeat=4)
+                       if round(sum(combo) * 10) == math.ceil(ratio * 4 * 10 - 1e-9))
+            assert got == pytest.approx(best, abs=1e-12), (trial, ratio, chosen)
+
+
+def test_one_candidate_at_n_r_over_k_is_plc_on_the_least_sensitive_layers(tiny_llama):
+    """ratios=[N·R/k]: the k layers of smallest Δ at N·R/k each, the others dense (PLC when those are
+    the last k layers)."""
+    matrices = specs(tiny_llama)
+    sizes = {str(u): sum(m.dense_params for m in matrices if m.layer == u) for u in range(4)}
+    plc = sens.choose_ratios({str(u): {"0.4": 1.0 / (u + 1)} for u in range(4)}, sizes, 0.2)  # N=4, R=0.2, k=2
+    assert plc == {"0": 0.0, "1": 0.0, "2": 0.4, "3": 0.4}
+    other = sens.choose_ratios({str(u): {"0.4": float(u in (1, 2)) + 0.1} for u in range(4)}, sizes, 0.2)
+    assert other == {"0": 0.4, "1": 0.0, "2": 0.0, "3": 0.4}
+    ranks = sens.ranks_for_unit_ratios(matrices, plc, 0.2, groups=False)
+    assert_exact_budget(matrices, ranks, 0.2)
+    partial = get_allocator("partial-layer", k=2).allocate(matrices, 0.2, 4)
+    for m in matrices:
+        assert (ranks[m.name] is None) == (partial[m.name] is None)
+        if ranks[m.name] is not None:  # the fix-up may give back one rank where PLC's floor over-removes
+            assert ranks[m.name] - partial[m.name] in (0, 1)
+
+
+def test_bad_options_and_infeasible_ratios(tiny_llama, calib_ids):
+    for options in ({"ratios": []}, {"ratios": [0.2, 1.0]}, {"ratios": "a,b"}, {"ratios": [0.0]},
+                    {"holdout": 0}, {"holdout": 1.0}, {"holdout": "x"}, {"fit_samples": 0}, {"fit_samples": 2.5},
+                    {"groups": "yes"}, {"step": 0}, {"step": 0.9}):
+        with pytest.raises(ValueError):
+            get_allocator("sensitivity", **options)
+    with pytest.raises(TypeError):
+        get_allocator("sensitivity", infinite_layers=[1])
+    assert get_allocator("sensitivity", ratios="0.6, 0.2").ratios == [0.2, 0.6]
+    allocator = get_allocator("sensitivity")
+    assert allocator.whole_model_reason and allocator.profile_reason and not allocator.needs_statistics
+    with pytest.raises(RuntimeError, match="resolve"):
+        allocator.allocate(specs(tiny_llama), 0.3, 4)
+    with pytest.raises(ValueError, match="largest candidate"):
+        ressvd.compress(tiny_llama, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
+                        allocation_options={"ratios": [0.1, 0.2]}, progress=False)
+    with pytest.raises(ValueError, match="cannot be met"):
+        sens.choose_ratios({"0": {"0.4": math.inf}, "1": {"0.4": 0.1}}, {"0": 10, "1": 10}, 0.3)
+
+
+def test_report_draws_the_sensitivity_heatmap_for_a_real_run(tiny_model_dir, text_file, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the `eval` extra")
+    from ressvd.cli import main
+    from ressvd.report import load_run, write_report
+    ck = tmp_path / "ck"
+    assert main(["compress", str(tiny_model_dir), "--ratio", "0.3", "--allocation", "sensitivity", "--calib",
+                 str(text_file), "--nsamples", "4", "--seqlen", "16", "--out", str(ck), "--device", "cpu"]) == 0
+    record = load_run(ck)
+    assert sorted(record["allocation_details"]["sensitivity"]) == ["0", "1", "2", "3"]
+    written = write_report([ck], tmp_path / "out")
+    png = written["sensitivity-ck"]
+    assert png.name == "sensitivity-ck.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
