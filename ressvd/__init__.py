@@ -5,7 +5,8 @@ from .evaluation import perplexity
 from .healing import heal
 from .models.loading import load_model as load
 from .pipeline import RunPlan
+from .quantize import quantize_factors
 
 __version__ = "0.1.0"
 __all__ = ["CalibrationSpec", "CompressionReport", "CorruptCheckpointError", "RunPlan", "compress", "heal", "load", "perplexity",
-           "save"]
+           "quantize_factors", "save"]

@@ -67,6 +67,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="the checkpoint's dtype (factors computed in float64, then stored in it); default: the "
                         "source model's (float32 for a GGUF source, which is dequantised)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="store the low-rank factors as weight-only int8 through torchao (loading needs torchao)")
     p.add_argument("--layout", choices=["separate", "fused"], default="separate",
                    help="fused: one stacked B factor per q/k/v and per gate/up group (fewer matmuls; "
                         "see docs/BENCHMARKS.md, speed)")
@@ -193,6 +195,9 @@ def _compress(args, plan=None) -> dict:
     if args.layout == "fused":
         from .checkpoint.fuse import fuse_checkpoint
         fuse_checkpoint(args.out)
+    if args.quantize:  # after fusing: a quantised checkpoint is not fused again
+        from .quantize import quantize_checkpoint
+        quantize_checkpoint(args.out, args.quantize)
     return record
 
 

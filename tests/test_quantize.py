@@ -348,3 +348,12 @@ def test_the_modeling_file_stays_self_contained(quantised_checkpoint):
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported == {"__future__", "typing", "torch", "transformers"}
     assert "def check_loaded_weights" in (quantised_checkpoint / MODELING_FILE).read_text()
+
+
+def test_a_quantised_checkpoint_is_not_healed(compressed_models, tmp_path):
+    from ressvd.healing.distill import HealInputError
+    model = clone(compressed_models["llama"])
+    teacher = clone(compressed_models["llama"])
+    quantize_factors(model)
+    with pytest.raises(HealInputError, match="quantised"):
+        ressvd.heal(model, teacher, train_ids=torch.zeros(4, 8, dtype=torch.long), tokens=16)

@@ -140,15 +140,18 @@ def test_a_probe_that_fails_to_factorise_counts_as_infinite(tiny_llama, calib_id
     assert_exact_budget(specs(tiny_llama), report.ranks, 0.3)
 
 
-@pytest.mark.parametrize("model_name,groups", [("tiny_llama", False), ("tiny_gemma3", True)])
-def test_measured_delta_is_the_held_out_loss_increase(model_name, groups, calib_ids, request):
+# dense stats: the probes of a layer share one statistics pass (an in-memory profile); compressed
+# stats: each probe runs the engine's loop on the cached fit inputs
+@pytest.mark.parametrize("model_name,groups,stats", [("tiny_llama", False, "dense"), ("tiny_gemma3", True, "dense"),
+                                                     ("tiny_llama", True, "compressed")])
+def test_measured_delta_is_the_held_out_loss_increase(model_name, groups, stats, calib_ids, request):
     """Each Δ equals the held-out next-token loss of the model with only that unit compressed (on
     the fit sequences, through the pipeline) minus the dense model's, both from the model's own
     forward; the probes leave the model as it was, so the final model equals a fixed-ranks run."""
     model = float64_model(request.getfixturevalue(model_name))  # float64: see tests/float64.py
     dense = clone(model)
     report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
-                             allocation_options={"groups": groups}, progress=False)
+                             allocation_options={"groups": groups}, stats=stats, progress=False)
     details = report.allocation_details
     base = held_out_loss(dense, calib_ids[HELD])
     # the search scores the final normed states in float32 (about 1e-7 relative on the loss)
@@ -157,13 +160,14 @@ def test_measured_delta_is_the_held_out_loss_increase(model_name, groups, calib_
     for unit, ratio in probes:
         layer, _, part = unit.partition(".")
         candidate = clone(dense)
-        ressvd.compress(candidate, calibration=calib_ids[FIT], ratio=0.3, method="svd-llm",
+        ressvd.compress(candidate, calibration=calib_ids[FIT], ratio=0.3, method="svd-llm", stats=stats,
                         allocation="test-one-layer",
                         allocation_options={"layer": int(layer), "ratio": ratio, "part": part or None}, progress=False)
         expected = held_out_loss(candidate, calib_ids[HELD]) - base
         assert details["sensitivity"][unit][repr(ratio)] == pytest.approx(expected, abs=2e-6), (unit, ratio)
     fixed = clone(dense)
-    ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="test-fixed-ranks",
+    ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="svd-llm", stats=stats,
+                    allocation="test-fixed-ranks",
                     allocation_options={"ranks": report.ranks}, progress=False)
     for (name, p), q in zip(model.named_parameters(), fixed.parameters()):
         assert torch.equal(p, q), name

@@ -13,8 +13,13 @@ NLL L_u(c). Δ_u(c) = L_u(c) − L_dense. The original layer is put back afterwa
 compressed, the original module is never touched). A unit is a whole layer, or with `groups=True`
 the attention part and the MLP part of a layer (the linears by their first name component,
 "self_attn.*" and "mlp.*", each a union of input groups) measured separately. A probe costs one
-pass of layer l over the fit sequences and one suffix pass (l..N−1 + LM head) over the held-out
-ones, so the whole measurement is about |ratios|·N(N+1)/2 layer passes over the held-out set.
+factorisation of the unit and one suffix pass (l..N−1 + LM head) over the held-out sequences, so
+the whole measurement is about |ratios|·N(N+1)/2 layer passes over the held-out set. When the run's
+statistics are the dense model's alone (one stream, e.g. svd-llm's default), a layer's statistics
+do not depend on the ratio: they are accumulated once per layer (the same InputStats sums as the
+engine's loop) and every probe of that layer is factorised from them through an in-memory
+calibration profile; otherwise (compressed-stream or two-stream methods) each probe runs the
+engine's own loop on layer l from the cached fit inputs.
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
 Choice. With P_u the unit's dense parameters, Δ_u is interpolated linearly between (0, 0) (the
@@ -105,12 +110,52 @@ class _FirstLayers:
         return self._adapter.layers(model)[: self._stop]
 
 
+class _LayerStats:
+    """A calibration profile (engine.StatsProfile) in memory, holding one layer's dense statistics:
+    compress_layerwise then factorises that layer from them with no forward pass, so the probes of
+    one layer share one statistics pass over the fit sequences."""
+
+    complete = True
+
+    def __init__(self, index: int, stats: dict):
+        self.index, self.stats = index, stats
+
+    def get(self, index: int) -> dict:
+        return self.stats if index == self.index else {}
+
+    def put(self, index: int, stats: dict) -> None:
+        raise AssertionError("a complete profile is never written")
+
+
+@torch.no_grad()
+def _dense_stats(layer, adapter, inputs, options):
+    """The dense statistics of every input group of `layer` on `inputs` (what the engine's layer loop
+    accumulates: InputStats.add on each batch, in order) and the layer's outputs."""
+    from ..calibration.capture import run_layer
+    from ..calibration.stats import InputStats
+    stats, handles = {}, []
+    original = next(layer.parameters()).device
+    layer.to(options.device)
+    try:
+        for g, names in enumerate(adapter.input_groups):
+            module = layer.get_submodule(names[0])
+            stats[g] = InputStats.zeros(module.in_features, options.gram_dtype, options.device)
+            handles.append(module.register_forward_pre_hook(lambda _module, args, s=stats[g]: s.add(args[0])))
+        outputs = [run_layer(layer, h, inputs.kwargs[inputs.start]) for h in inputs.hidden]
+    finally:
+        for handle in handles:
+            handle.remove()
+        layer.to(original)
+    return stats, outputs
+
+
 def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options, matrices: list[MatrixSpec],
                         candidates: list[float], groups: bool = False, holdout: float = 0.25,
                         fit_samples: int = 8, progress: bool = True) -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
     module docstring). The model is left as it was."""
-    from ..calibration.engine import CompressionPlan, capture_inputs, compress_layerwise, propagate_dense
+    from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
+                                      propagate_dense, streams_needed)
     from ..methods.linalg import DecompositionError
     from ..search.partial_layers import _final_normed, _next_token_nll
 
@@ -130,9 +175,14 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
     for spec in matrices:
         by_unit.setdefault(unit_of(spec, groups), []).append(spec)
     sensitivity: dict[str, dict[str, float]] = {}
+    # With dense statistics alone (one stream), a layer's statistics do not depend on the ratio:
+    # computed once per layer, every probe of the layer is factorised from them.
+    shared = streams_needed(method, quiet) == ["dense"]
     bar = tqdm(total=len(by_unit) * len(candidates), desc="sensitivity", disable=not progress, unit="probe")
     for index in range(num_layers):
         units = [u for u, specs in by_unit.items() if specs[0].layer == index]
+        if shared:
+            stats, fit_next = _dense_stats(layers[index], adapter, fit_in, quiet)
         for unit in units:
             sensitivity[unit] = {}
             for c in candidates:
@@ -141,8 +191,12 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                 original = layers[index]
                 layers[index] = copy.deepcopy(original)
                 try:
-                    compress_layerwise(model, _FirstLayers(adapter, index + 1), fit_ids, CompressionPlan(ranks),
-                                       method, quiet, inputs=fit_in)
+                    plan, first = CompressionPlan(ranks), _FirstLayers(adapter, index + 1)
+                    if shared:
+                        compress_layerwise(model, first, fit_ids, plan, method, quiet,
+                                           hooks=EngineHooks(profile=_LayerStats(index, stats)))
+                    else:
+                        compress_layerwise(model, first, fit_ids, plan, method, quiet, inputs=fit_in)
                     loss = _next_token_nll(model, _final_normed(model, adapter, layers, held_in, index), held_ids)
                 except DecompositionError as err:  # non-finite factors at this ratio: never choose it
                     log.warning("sensitivity probe of unit %s at ratio %s failed: %s", unit, c, err)
@@ -153,7 +207,8 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                 sensitivity[unit][ratio_key(c)] = delta if math.isfinite(delta) else math.inf
                 bar.update()
         if index + 1 < num_layers:
-            fit_in = propagate_dense(layers, fit_in, index + 1, quiet)
+            fit_in = LayerInputs(fit_in.kwargs, fit_next, index + 1) if shared else \
+                propagate_dense(layers, fit_in, index + 1, quiet)
             held_in = propagate_dense(layers, held_in, index + 1, quiet)
     bar.close()
     return base, sensitivity
@@ -349,7 +404,8 @@ class SensitivityAllocation(Allocator):
         ranks = ranks_for_unit_ratios(matrices, chosen, ratio, self.groups)
         rounded = {u: 0.0 for u in sizes}
         for m in matrices:
-            rounded[unit_of(m, self.groups)] += (m.dense_params - m.params_at(ranks[m.name])) / sizes[unit_of(m, self.groups)]
+            unit = unit_of(m, self.groups)
+            rounded[unit] += (m.dense_params - m.params_at(ranks[m.name])) / sizes[unit]
         fit_ids, held_ids = split_calibration(context.calib_ids, self.holdout, self.fit_samples)
         details = {
             "sensitivity": sensitivity, "ratios": chosen, "base_loss": base,

@@ -55,6 +55,10 @@ def heal(model: nn.Module, teacher, tokenizer=None, *, healer: str | Healer = "d
     if not isinstance(getattr(model.config, "ressvd", None), dict):
         from .distill import HealInputError
         raise HealInputError("the model is not a ressvd-compressed model: it carries no ressvd record")
+    if model.config.ressvd.get("quantization"):
+        from .distill import HealInputError
+        raise HealInputError("the factors are quantised (int8) and cannot be trained: heal the checkpoint before "
+                             "quantising it (compress --heal ... --quantize int8 does both in that order)")
     teacher = _load_teacher(teacher)
     return healer_obj.heal_model(model, teacher, train_ids if train_ids is not None else tokenizer,
                                  state_dir=state_dir, progress=progress, eval_ids=eval_ids, on_step=on_step)
