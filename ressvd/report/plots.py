@@ -248,8 +248,11 @@ def _unit_order(unit: str) -> tuple:
 def plot_sensitivity(record: dict, out: Path) -> Path | None:
     """The sensitivity allocation's measurements (allocation_details["sensitivity"]): units (layers,
     or layer parts) down, candidate ratios across, with ratio 0 (dense, Δ = 0) first; colour = the
-    held-out loss increase Δ with that unit alone compressed (inf: blank); the chosen ratio of each unit
-    framed (the frame straddles two columns when it lies between candidates) and written in the row label."""
+    held-out loss increase Δ with that unit alone compressed (symmetric log scale; inf: blank); the
+    chosen ratio of each unit framed (straddling two columns when it lies between candidates) and
+    written in the row label."""
+    import math
+
     import numpy as np
     details = record.get("allocation_details") or {}
     sensitivity = details.get("sensitivity")
@@ -265,21 +268,26 @@ def plot_sensitivity(record: dict, out: Path) -> Path | None:
             values[i, columns.index(float(key))] = float(delta)
     finite = values[np.isfinite(values)]
     plt = _plt()
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import SymLogNorm
     from matplotlib.patches import Rectangle
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if low < 0 < high:
-        cmap, norm = "RdBu_r", TwoSlopeNorm(0.0, low, high)
-    else:
-        cmap, norm = "magma_r", None
+    low, high = min(low, 0.0), max(high, low + 1e-12)
+    # symmetric log scale: one very sensitive layer (often the first) does not wash out the others
+    nonzero = np.abs(finite[finite != 0])
+    norm = SymLogNorm(linthresh=max(float(np.median(nonzero)) / 4 if nonzero.size else 1e-3, 1e-6), vmin=low,
+                      vmax=high, base=10)
+    cmap = "RdBu_r" if low < 0 else "magma_r"
+    if low < 0:  # centre the diverging map on Δ = 0
+        bound = max(-low, high)
+        norm = SymLogNorm(linthresh=norm.linthresh, vmin=-bound, vmax=bound, base=10)
     masked = np.ma.masked_invalid(values)
     fig, ax = plt.subplots(figsize=(2.4 + 0.75 * len(columns), 1.3 + 0.26 * len(units)))
-    image = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, vmin=None if norm else low,
-                      vmax=None if norm else high)
+    image = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm)
     for i in range(len(units)):
         for j in range(len(columns)):
             v = values[i, j]
-            strong = np.isfinite(v) and abs(v) > 0.6 * max(abs(low), abs(high))
+            position = float(norm(v)) if np.isfinite(v) else None  # inf: a blank cell, black text
+            strong = position is not None and (abs(position - 0.5) > 0.3 if low < 0 else position > 0.6)
             ax.text(j, i, "inf" if np.isinf(v) else ("" if np.isnan(v) else f"{v:.3g}"), ha="center", va="center",
                     fontsize=5.5, color="white" if strong else "black")
     chosen = details.get("ratios") or {}
@@ -299,7 +307,10 @@ def plot_sensitivity(record: dict, out: Path) -> Path | None:
     base = details.get("base_loss")
     ax.set_title(f"{record.get('name', '')}: held-out Δ loss ({record.get('method')} @ {record.get('ratio')}"
                  + (f", dense {base:.3f}" if isinstance(base, (int, float)) else "") + ")", fontsize=8)
-    fig.colorbar(image, ax=ax, label="Δ next-token NLL (nats)")
+    top = max(-low, high)
+    powers = [10.0 ** k for k in range(math.ceil(math.log10(3 * norm.linthresh)), math.floor(math.log10(top)) + 1)]
+    ticks = sorted({0.0, *powers, *([-p for p in powers] if low < 0 else [])})
+    fig.colorbar(image, ax=ax, label="Δ next-token NLL (nats)", ticks=ticks or None, format="%g")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
