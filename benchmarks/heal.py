@@ -36,6 +36,8 @@ STARTS = {  # name -> compress settings
     "ressvd": dict(method="ressvd"),
     # ResSVD with the k its search chose on SmolLM2 at 0.2 and 0.4 (docs/BENCHMARKS.md): no search cost
     "ressvd-k29": dict(method="ressvd", allocation_options={"k": 29}),
+    # per-layer ratios from measured sensitivity (issue 16): 121 WikiText-2 unhealed at 0.2 on SmolLM2
+    "svd-llm-sensitivity": dict(method="svd-llm", allocation="sensitivity"),
 }
 
 
@@ -57,6 +59,9 @@ def main() -> None:
     parser.add_argument("--start", default="ressvd-k29", choices=sorted(STARTS))
     parser.add_argument("--rows", default="none,local,distill,local+distill")
     parser.add_argument("--distill-tokens", type=int, default=50_000)
+    parser.add_argument("--lrs", default=None,
+                        help="comma list of distill learning rates: one distill row per rate, each from a copy of "
+                             "the same compressed model (a sweep on the validation sets)")
     parser.add_argument("--heal-option", action="append", default=[], metavar="HEALER:KEY=VALUE")
     parser.add_argument("--datasets", default=",".join(compare.DATASETS))
     parser.add_argument("--max-windows", type=int, default=20)
@@ -115,14 +120,20 @@ def main() -> None:
             record(base, model, compress_s, report.seconds.get("heal", 0.0), peak.peak,
                    {"healing": report.healing.get("layers")})
         if f"{base}+distill" in wanted or (not local and "distill" in wanted):
-            with compare.PeakRSS() as peak:
-                start = time.perf_counter()
-                result = ressvd.heal(model, dense, tokenizer, healer="distill", progress=True, **distill_options)
-                heal_s = time.perf_counter() - start
-            row = "local+distill" if local else "distill"
-            record(f"{row} {result['tokens']}", model, compress_s, heal_s, peak.peak,
-                   {"distill": {k: result.get(k) for k in ("tokens", "curve", "heldout", "tokens_per_second",
-                                                           "options")}})
+            lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]
+            for lr in lrs:
+                student = copy.deepcopy(model) if len(lrs) > 1 else model
+                options = distill_options if lr is None else {**distill_options, "lr": lr}
+                with compare.PeakRSS() as peak:
+                    start = time.perf_counter()
+                    result = ressvd.heal(student, dense, tokenizer, healer="distill", progress=True, **options)
+                    heal_s = time.perf_counter() - start
+                row = f"{'local+distill' if local else 'distill'} {result['tokens']}"
+                row += f" lr {result['options']['lr']:g}" if lr is not None else ""
+                record(row, student, compress_s, heal_s, peak.peak,
+                       {"distill": {k: result.get(k) for k in ("tokens", "curve", "heldout", "tokens_per_second",
+                                                               "options")}})
+                del student
 
 
 if __name__ == "__main__":

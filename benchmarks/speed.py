@@ -98,8 +98,11 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
         def end(self):
             pass
 
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
+    # the model's own generation config, so that ressvd.optimize_for_inference's static cache and
+    # compiled decode (set there) take effect; only the budget and greedy decoding are imposed
+    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    config.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, temperature=None, top_p=None, top_k=None)
     prompt = prompt.to(device)
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,

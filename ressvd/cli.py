@@ -186,18 +186,19 @@ def build_plan(args):
         dtype=args.dtype, refit=args.refit, refit_ridge=args.refit_ridge)
 
 
-def _compress(args, plan=None) -> dict:
-    """Compress into --out (streamed or whole; nothing stays in memory) and return the report."""
+def _compress(args, plan=None, out=None) -> dict:
+    """Compress into `out` (default --out; streamed or whole; nothing stays in memory) and return the report."""
     from .api import compress_checkpoint
     plan = plan or build_plan(args)  # bad arguments fail before minutes of model loading
-    record = compress_checkpoint(args.model, args.out, plan=plan, restart=args.restart,
+    out = out or args.out
+    record = compress_checkpoint(args.model, out, plan=plan, restart=args.restart,
                                  profile=None if args.profile == "none" else args.profile, stream=not args.no_stream)
     if args.layout == "fused":
         from .checkpoint.fuse import fuse_checkpoint
-        fuse_checkpoint(args.out)
+        fuse_checkpoint(out)
     if args.quantize:  # after fusing: a quantised checkpoint is not fused again
         from .quantize import quantize_checkpoint
-        quantize_checkpoint(args.out, args.quantize)
+        quantize_checkpoint(out, args.quantize)
     return record
 
 
@@ -270,13 +271,27 @@ def cmd_run(args) -> int:
         dense.save_pretrained(tmp)  # the dense model in the same dtype, to compare bytes on disk
         dense_bytes = dir_bytes(Path(tmp))
     del dense
+    label = f"{args.method} @ {args.ratio}"
+    rows = [("dense", dense_ppl, dense_params, dense_bytes)]
+    unhealed = None
+    if plan.healers:
+        # what healing buys: the same compression without the healers, beside the healed one
+        from dataclasses import replace
+        with tempfile.TemporaryDirectory(dir=Path(args.out).parent if Path(args.out).parent.exists() else None) as tmp:
+            base_record = _compress(args, replace(plan, healers=(), heal_options={}), out=Path(tmp) / "unhealed")
+            model, tokenizer = load(Path(tmp) / "unhealed")
+            unhealed = {"ppl": _perplexities(model, tokenizer, args), "params": total_params(model),
+                        "bytes": dir_bytes(Path(tmp) / "unhealed"), "seconds": base_record["seconds"]["total"]}
+            del model
+        rows.append((label, unhealed["ppl"], unhealed["params"], unhealed["bytes"]))
+        label += " + " + "+".join(h.name for h in plan.healers)
     record = _compress(args, plan)
     compressed, tokenizer = load(args.out)  # evaluate what is on disk, not the in-memory copy
     comp_ppl = _perplexities(compressed, tokenizer, args)
-    rows = [("dense", dense_ppl, dense_params, dense_bytes),
-            (f"{args.method} @ {args.ratio}", comp_ppl, total_params(compressed), dir_bytes(Path(args.out)))]
+    rows.append((label, comp_ppl, total_params(compressed), dir_bytes(Path(args.out))))
     names = list(dense_ppl)
-    header = f"{'model':<22s}" + "".join(f"{n + ' PPL':>16s}" for n in names) + f"{'params':>14s}{'bytes on disk':>16s}"
+    width = max(22, max(len(row[0]) for row in rows) + 2)
+    header = f"{'model':<{width}s}" + "".join(f"{n + ' PPL':>16s}" for n in names) + f"{'params':>14s}{'bytes on disk':>16s}"
     print()
     print(f"{args.model}: {args.nsamples}x{args.seqlen} {args.calib} calibration (seed {args.seed}), "
           f"PPL over {'all' if args.max_windows is None else f'the first {args.max_windows}'} "
@@ -284,15 +299,21 @@ def cmd_run(args) -> int:
     print(header)
     print("-" * len(header))
     for label, ppl, params, size in rows:
-        print(f"{label:<22s}" + "".join(f"{ppl[n]:>16.3f}" for n in names) + f"{params:>14,d}{size:>16,d}")
+        print(f"{label:<{width}s}" + "".join(f"{ppl[n]:>16.3f}" for n in names) + f"{params:>14,d}{size:>16,d}")
+    # local healing is timed inside the layer loop ("heal"), each model-scope healer on its own ("heal:NAME")
+    heal_seconds = sum(v for k, v in record["seconds"].items() if k == "heal" or k.startswith("heal:"))
     print(f"achieved ratio: {record['achieved_ratio']['decoder_linears']:.4f} of decoder-linear weights, "
           f"{record['achieved_ratio']['whole_model']:.4f} of all parameters; compression took "
-          f"{record['seconds']['total']:.1f} s; checkpoint in {args.out}")
+          f"{record['seconds']['total']:.1f} s" + (f" ({heal_seconds:.1f} s of it healing; "
+                                                   f"{unhealed['seconds']:.1f} s without)" if unhealed else "")
+          + f"; checkpoint in {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "dense": {"ppl": dense_ppl, "params": dense_params, "bytes": dense_bytes},
-            "compressed": {"ppl": comp_ppl, "params": rows[1][2], "bytes": rows[1][3]},
-            "report": record}, indent=2, default=str))
+        result = {"dense": {"ppl": dense_ppl, "params": dense_params, "bytes": dense_bytes},
+                  "compressed": {"ppl": comp_ppl, "params": rows[-1][2], "bytes": rows[-1][3]},
+                  "report": record}
+        if unhealed:
+            result["unhealed"] = unhealed
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -92,6 +92,16 @@ def quantize_factors(model: nn.Module, scheme: str = "int8") -> list[str]:
         if not weight.is_floating_point():
             raise ValueError(f"{name} holds {weight.dtype} weights, not floating point: already quantised?")
 
+    torchao = quantize_linears_int8(model, names)
+    model.config.ressvd = {**record, "quantization": {"scheme": scheme, "library": "torchao",
+                                                      "version": torchao.__version__}}
+    return names
+
+
+def quantize_linears_int8(model: nn.Module, names: list[str]):
+    """torchao weight-only int8 (per-row scales) of the nn.Linear modules `names`, with transformers'
+    TorchAoConfig attached so that save_pretrained / from_pretrained round-trip them. Shared by
+    quantize_factors and by the dense int8 baseline of benchmarks/deploy.py. Returns torchao."""
     torchao = _torchao()
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     from transformers import TorchAoConfig
@@ -106,9 +116,7 @@ def quantize_factors(model: nn.Module, scheme: str = "int8") -> list[str]:
     quantization_config = TorchAoConfig(config)
     model.config.quantization_config = quantization_config
     model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
-    model.config.ressvd = {**record, "quantization": {"scheme": scheme, "library": "torchao",
-                                                      "version": torchao.__version__}}
-    return names
+    return torchao
 
 
 def quantize_checkpoint(path, scheme: str = "int8") -> list[str]:

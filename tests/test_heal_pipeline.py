@@ -156,3 +156,19 @@ def test_report_plots_the_healing_of_real_runs(tiny_model_dir, text_file, tmp_pa
     assert curve[-1][0] >= 256 and all(loss >= 0 for _, loss in curve)
     assert main(["report", str(local), str(healed), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "healing.png").stat().st_size > 10_000
+
+
+def test_cli_run_with_healing_shows_dense_compressed_and_healed(tiny_model_dir, text_file, tmp_path, capsys):
+    held_out = tmp_path / "held-out.txt"  # not the calibration file: `run` refuses to score calibration text
+    held_out.write_text(" ".join(reversed(text_file.read_text().split())))
+    assert main(["run", str(tiny_model_dir), "--ratio", "0.4", "--calib", str(text_file), "--nsamples", "6",
+                 "--seqlen", "16", "--device", "cpu", "--out", str(tmp_path / "ck"), "--heal", "local",
+                 "--heal-option", "local:epochs=2", "--datasets", str(held_out), "--eval-seqlen", "16",
+                 "--max-windows", "2", "--json", str(tmp_path / "run.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "svd-llm @ 0.4 " in printed and "svd-llm @ 0.4 + local" in printed and "s of it healing" in printed
+    result = json.loads((tmp_path / "run.json").read_text())
+    # the unhealed and the healed model: same ranks (same bytes), only the factor values differ
+    assert result["unhealed"]["bytes"] == result["compressed"]["bytes"] < result["dense"]["bytes"]
+    assert result["unhealed"]["ppl"] != result["compressed"]["ppl"]
+    assert not any(p.name.startswith("tmp") for p in tmp_path.iterdir())  # the unhealed copy is gone

@@ -135,3 +135,36 @@ def test_report_errors_are_one_line(tmp_path, capsys):
         load_run(empty)
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_pareto_front_keeps_exactly_the_undominated_rows():
+    from ressvd.report.plots import pareto_front
+    points = [("dense bf16", 269.0, 35.9), ("dense int8", 164.0, 36.1), ("ressvd 0.4 bf16", 184.0, 415.0),
+              ("ressvd 0.4 int8", 121.0, 418.0), ("twin of int8", 164.0, 36.1), ("worse", 200.0, 500.0)]
+    front = pareto_front(points)
+    # "worse" and the 0.4 bf16 row are dominated by dense int8 (fewer bytes, lower PPL); equal points
+    # do not dominate each other; the smallest row and the lowest PPL are on the front whatever else
+    assert set(front) == {"dense bf16", "dense int8", "twin of int8", "ressvd 0.4 int8"}
+    assert front[0] == "ressvd 0.4 int8"  # in order of bytes
+    for label, size, ppl in points:
+        on = label in front
+        assert on == (not any(s <= size and p <= ppl and (s, p) != (size, ppl) for _, s, p in points))
+
+
+def test_report_reads_a_deploy_side_by_side(tmp_path):
+    side = tmp_path / "deploy-smol"
+    side.mkdir()
+    rows = [{"label": "dense bf16", "checkpoint_bytes": 269e6, "resident_bytes": 269e6, "wikitext2": 35.9},
+            {"label": "dense int8", "checkpoint_bytes": 164e6, "resident_bytes": 164e6, "wikitext2": 36.1},
+            {"label": "dense int4", "unavailable": "ImportError: Requires mslk >= 1.0.0"},
+            {"label": "ressvd 0.4 int8", "checkpoint_bytes": 121e6, "resident_bytes": 121e6, "wikitext2": 418.0}]
+    (side / "deploy.json").write_text(json.dumps({"model": "smollm2-135m", "notes": "test rows", "rows": rows}))
+    written = write_report([side], tmp_path / "report")
+    assert written["deploy_pareto"].stat().st_size > 0
+    text = written["markdown"].read_text()
+    assert "## Deployment side-by-side: smollm2-135m" in text
+    assert "| dense int8 | 164.0 | 164.0 | 36.10 | yes |" in text and "| dense bf16 | 269.0 | 269.0 | 35.90 | yes |" in text
+    assert "not available: ImportError" in text
+    (side / "deploy.json").write_text(json.dumps({"rows": [{"no": "label"}]}))
+    with pytest.raises(RunDirError, match="'rows' list"):
+        load_run(side)

@@ -26,11 +26,11 @@ Teacher targets, two ways:
   to it when K = vocab size, and unlike renormalising over the top-K it still penalises a student
   that moves mass into the tail. The held-out KL in this mode is measured with the same estimator.
 
-Defaults and why: tokens 1M (a short heal; Lillama used 13M for 3B); AdamW lr 2e-5 for factors (full
-fine-tuning of pretrained weights) and 1e-4 for LoRA (SVD-LLM's LoRA stage), linear warmup over 5 %
-of the steps then cosine decay to 0; weight_decay 0 (decay would pull the factors towards 0, i.e.
-towards a worse compression); max_grad_norm 1; batch_size 4 x grad_accum 4 (16 windows of 256 tokens
-= 4096 tokens per step); autocast "auto" = bf16 where the device has native bf16 (CUDA; CPUs with
+Defaults and why: tokens DEFAULT_TOKENS (40,960 on a CPU, 1M on CUDA); AdamW lr LR_FACTORS for factors
+and 1e-4 for LoRA (SVD-LLM's LoRA stage), linear warmup over 5 % of the steps then cosine decay to 0;
+weight_decay 0 (decay would pull the factors towards 0, i.e. towards a worse compression);
+max_grad_norm 1; batch_size 4 x grad_accum 1 (4 windows of 256 tokens = 1024 tokens per step: the
+setting of every measured heal, 40 steps at the CPU budget); autocast "auto" = bf16 where the device has native bf16 (CUDA; CPUs with
 avx512_bf16/AMX: 1.9x faster on SmolLM2, see CPU_AUTOCAST_BF16); gradient checkpointing "auto" = on
 on accelerators (memory), off on CPU (the recompute costs time and CPU RAM is not the limit).
 
@@ -347,19 +347,31 @@ def _heldout_kl(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor
 
 # ----------------------------------------------------------------------------------------------
 
+# The default budget, by device. CPU: 40,960 tokens, about 3.5 minutes on the 2-core CPU of
+# docs/BENCHMARKS.md (195 tokens/s for SmolLM2-135M), where it takes ResSVD at 0.2 from 146 to 124
+# WikiText-2 PPL after `local`; 300k tokens (27 minutes there) reach 91. CUDA: 1M tokens, a short heal
+# by the literature's standards (Lillama used 13M for 3B); not measured here (no GPU was lent).
+DEFAULT_TOKENS = {"cpu": 40_960, "cuda": 1_000_000}
+# lr for the factors, chosen on the validation sets (PTB valid / C4 val PPL, SmolLM2-135M, ResSVD 0.2,
+# 40,960 tokens, docs/BENCHMARKS.md): 3e-5 131.3 / 74.2, 1e-4 137.7 / 74.8, 3e-4 192.1 / 97.7.
+LR_FACTORS = 3e-5
+
+
 @register_healer
 class DistillHealer(Healer):
     name = "distill"
     summary = "end-to-end KL distillation of the low-rank factors (or LoRA on them) from the dense teacher"
     scope = "model"
 
-    def __init__(self, *, tokens: int = 1_000_000, lr: float | None = None, warmup: float = 0.05,
-                 batch_size: int = 4, grad_accum: int = 4, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+    def __init__(self, *, tokens: int | None = None, lr: float | None = None, warmup: float = 0.05,
+                 batch_size: int = 4, grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  temperature: float = 1.0, ce_weight: float = 0.0, train: str = "factors", lora_r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.0, gradient_checkpointing: bool | str = "auto",
                  autocast: str = "auto", teacher_topk: int | None = None, topk_dtype: str = "float16",
                  save_every: int = 50, heldout: int = 8, seed: int = 0, source: str = "c4", seqlen: int = 256,
                  heldout_source: str | None = "c4-val", allow_test_split: bool = False):
+        if tokens is None:  # the device accelerate will train on: CUDA when present
+            tokens = DEFAULT_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
         tokens = int(tokens)
         if tokens <= 0:
             raise ValueError(f"heal budget must be > 0 tokens, got {tokens}")
@@ -386,7 +398,7 @@ class DistillHealer(Healer):
         if heldout < 0 or (teacher_topk is not None and teacher_topk < 0):
             raise ValueError("heldout and teacher_topk must be >= 0")
         if lr is None:
-            lr = 1e-4 if train == "lora" else 2e-5
+            lr = 1e-4 if train == "lora" else LR_FACTORS
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.tokens, self.lr, self.warmup = tokens, float(lr), float(warmup)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .plots import plot_heal_curves, plot_ppl_vs_ratio, plot_rank_heatmap, plot_zeroshot_vs_ratio
-from .plots import plot_sensitivity
+from .plots import plot_deploy_pareto, plot_sensitivity
 from .runs import EVAL_GLOB, REPORT_FILE, RunDirError, load_run
 from .summary import json_summary, markdown
 
@@ -27,6 +27,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, metric: str = "
         plots["zeroshot_vs_ratio"] = p
     if (p := plot_heal_curves(records, out / "healing.png")) is not None:
         plots["healing"] = p
+    if (p := plot_deploy_pareto(records, out / "deploy_pareto.png")) is not None:
+        plots["deploy_pareto"] = p
     if heatmaps:
         for r in records:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["name"])

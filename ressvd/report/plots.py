@@ -315,3 +315,50 @@ def plot_sensitivity(record: dict, out: Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Labels of the (label, bytes, ppl) points that no other point dominates (no more bytes and no
+    higher PPL, one of them strictly less), in order of bytes."""
+    front = []
+    for label, size, ppl in points:
+        dominated = any(s <= size and p <= ppl and (s < size or p < ppl) for _, s, p in points)
+        if not dominated:
+            front.append((size, label))
+    return [label for _, label in sorted(front)]
+
+
+def plot_deploy_pareto(records: list[dict], out: Path) -> Path | None:
+    """benchmarks/deploy.py's rows: WikiText-2 PPL (log) against bytes on disk, one panel per
+    side-by-side; the Pareto front (no row smaller and better) drawn as a step line, its rows filled."""
+    sides = [r for r in records if (r.get("deploy") or {}).get("rows")]
+    sides = [(r, [(row["label"], row["checkpoint_bytes"] / 1e6, row["wikitext2"]) for row in r["deploy"]["rows"]
+                  if row.get("checkpoint_bytes") and row.get("wikitext2")]) for r in sides]
+    sides = [(r, points) for r, points in sides if points]
+    if not sides:
+        return None
+    plt = _plt()
+    fig, axes = _grid(plt, 1, len(sides), w=5.2, h=3.8)
+    for ax, (r, points) in zip(axes.flat, sides):
+        front = pareto_front(points)
+        for label, size, ppl in points:
+            color = "C0" if label.startswith("dense") else "C1"  # quantised dense / low-rank
+            ax.scatter([size], [ppl], s=30, zorder=3, edgecolors=color,
+                       facecolors=color if label in front else "none")
+            ax.annotate(label, (size, ppl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        steps = sorted((size, ppl) for label, size, ppl in points if label in front)
+        xs, ys = [steps[0][0]], [steps[0][1]]
+        for size, ppl in steps[1:]:
+            xs += [size, size]
+            ys += [ys[-1], ppl]
+        ax.plot(xs, ys, color="0.5", lw=1, ls="--", zorder=1, label="Pareto front")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set_xlabel("checkpoint bytes on disk (MB)")
+        ax.set_ylabel("WikiText-2 PPL")
+        ax.set_title(f"{r['deploy'].get('model') or r['name']}: filled = on the front", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

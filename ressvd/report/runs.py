@@ -18,6 +18,7 @@ from typing import Any
 from ..checkpoint.format import REPORT_FILE
 
 EVAL_GLOB = "eval*.json"
+DEPLOY_FILE = "deploy.json"  # benchmarks/deploy.py
 
 
 class RunDirError(ValueError):
@@ -81,12 +82,27 @@ def load_run(path: str | Path) -> dict[str, Any]:
     for eval_path in sorted(path.glob(EVAL_GLOB)):
         _merge_eval(record, _read_json(eval_path))
         record["sources"].append(eval_path.name)
+    if (path / DEPLOY_FILE).exists():
+        record["deploy"] = _deploy_rows(path / DEPLOY_FILE)
+        record["sources"].append(DEPLOY_FILE)
     if len(record["sources"]) == 0:
-        raise RunDirError(f"{path}: holds neither {REPORT_FILE} nor {EVAL_GLOB}")
+        raise RunDirError(f"{path}: holds neither {REPORT_FILE} nor {EVAL_GLOB} nor {DEPLOY_FILE}")
+    if "method" not in record and "deploy" in record and len(record["sources"]) == 1:
+        record.update({"method": "deploy", "ratio": None})  # a side-by-side only: no run of its own
     if "method" not in record:  # a dense baseline: only evaluations
         record.update({"method": "dense", "ratio": 0.0, "dense_params": record.get("params")})
     record["group"] = model_group(record)
     return record
+
+
+def _deploy_rows(path: Path) -> dict[str, Any]:
+    """benchmarks/deploy.py's side-by-side: {"model", "notes", "rows": [{label, checkpoint_bytes,
+    resident_bytes, wikitext2, ...}]}; rows that did not run (unavailable) are kept with their reason."""
+    data = _read_json(path)
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "label" in r for r in rows):
+        raise RunDirError(f"{path}: expected a 'rows' list of objects with a 'label'")
+    return {"model": data.get("model"), "notes": data.get("notes"), "rows": rows}
 
 
 def heal_records(report: dict) -> dict[str, Any]:

@@ -40,6 +40,8 @@ def markdown(records: list[dict], plots: dict[str, str] | None = None, metric: s
               "params", "compress s", "peak RSS GiB"] + [f"{d} PPL" for d in datasets]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
+        if r["method"] == "deploy":  # a side-by-side only: its own table below
+            continue
         achieved = r.get("achieved_ratio") or {}
         rss = r.get("peak_rss_bytes")
         row = [r["name"], labels[r["group"]], r["method"], r.get("allocation") or "–", _fmt(r.get("ratio"), ".2f"),
@@ -68,6 +70,26 @@ def markdown(records: list[dict], plots: dict[str, str] | None = None, metric: s
             row += [_acc_cell(zs[t], metric) if t in zs else "–" for t in tasks]
             row.append(_fmt(100 * mean if mean is not None else None, ".1f"))
             lines.append("| " + " | ".join(row) + " |")
+
+    for r in records:
+        deploy = r.get("deploy")
+        if deploy and deploy.get("rows"):
+            from .plots import pareto_front
+            points = [(row["label"], row["checkpoint_bytes"], row["wikitext2"]) for row in deploy["rows"]
+                      if row.get("checkpoint_bytes") and row.get("wikitext2")]
+            front = set(pareto_front(points))
+            lines += ["", f"## Deployment side-by-side: {deploy.get('model') or r['name']}", "",
+                      "| row | bytes on disk (MB) | resident weights (MB) | WikiText-2 PPL | on the Pareto front |",
+                      "|---|---|---|---|---|"]
+            for row in deploy["rows"]:
+                if "unavailable" in row:
+                    lines.append(f"| {row['label']} | not available: {row['unavailable']} | | | |")
+                    continue
+                lines.append(f"| {row['label']} | {_fmt(row.get('checkpoint_bytes', 0) / 1e6, '.1f')} | "
+                             f"{_fmt(row.get('resident_bytes', 0) / 1e6, '.1f')} | {_fmt(row.get('wikitext2'), '.2f')} | "
+                             f"{'yes' if row['label'] in front else 'no'} |")
+            if deploy.get("notes"):
+                lines += ["", deploy["notes"]]
 
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
