@@ -35,6 +35,13 @@ def _dense_value(records, group, value):
     return values[0] if values else None
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _grid(plt, rows, cols, w=3.6, h=3.0):
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     return fig, axes
@@ -79,10 +86,7 @@ def plot_ppl_vs_ratio(records: list[dict], out: Path) -> Path | None:
         ax.set_title(labels[group], fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def layer_and_matrix(name: str) -> tuple[int, str] | None:
@@ -133,10 +137,7 @@ def plot_rank_heatmap(record: dict, out: Path) -> Path | None:
     ax.set_ylabel("decoder layer")
     ax.set_title(f"{record['name']}: kept rank ({record['method']} @ {record.get('ratio')})", fontsize=9)
     fig.colorbar(image, ax=ax, label="kept rank / full rank")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_zeroshot_vs_ratio(records: list[dict], out: Path, metric: str = "acc") -> Path | None:
@@ -233,10 +234,7 @@ def plot_heal_curves(records: list[dict], out: Path) -> Path | None:
         ax.set_ylabel("held-out relative MSE of the layer")
         ax.set_title(f"{r['name']}: local", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _unit_order(unit: str) -> tuple:
@@ -311,10 +309,7 @@ def plot_sensitivity(record: dict, out: Path) -> Path | None:
     powers = [10.0 ** k for k in range(math.ceil(math.log10(3 * norm.linthresh)), math.floor(math.log10(top)) + 1)]
     ticks = sorted({0.0, *powers, *([-p for p in powers] if low < 0 else [])})
     fig.colorbar(image, ax=ax, label="Δ next-token NLL (nats)", ticks=ticks or None, format="%g")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -358,7 +353,4 @@ def plot_deploy_pareto(records: list[dict], out: Path) -> Path | None:
         ax.set_ylabel("WikiText-2 PPL")
         ax.set_title(f"{r['deploy'].get('model') or r['name']}: filled = on the front", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
