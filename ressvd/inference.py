@@ -17,13 +17,24 @@ model exactly the same treatment.
 - Process-wide too: Dynamo's recompile limit is raised to 64, so that several optimised models in
   one process (a benchmark, an A/B test) each keep their compiled graphs.
 
+Without a C++ compiler on a CPU (inductor needs one) it warns and sets up the static cache alone.
 The first `generate()` compiles (tens of seconds on a CPU); later calls with the same prompt and
 budget shapes reuse the graph. Greedy outputs match eager decoding up to float summation order.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
+
 import torch
 from torch import nn
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor would use for CPU code, or None when there is none."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    return next((path for name in names + ["g++", "c++", "clang++"] if (path := shutil.which(name))), None)
 
 
 def compile_config_for(device: torch.device):
@@ -48,6 +59,10 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = True, threads: i
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
     model.eval()
+    if compile and model.device.type == "cpu" and cpu_compiler() is None:
+        warnings.warn("optimize_for_inference: no C++ compiler on PATH (g++, c++ or clang++, or $CXX), which "
+                      "inductor needs on a CPU; using the static KV cache without compiling", stacklevel=2)
+        compile = False
     if compile:
         # Dynamo keys its graphs on the forward's code, shared by every model of one class; with the
         # weights frozen into each graph, every optimised model (and every decode length) adds entries.

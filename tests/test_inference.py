@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ressvd
+from ressvd.inference import cpu_compiler
 
 from .conftest import clone, tiny_llama_config, _build  # compressed_models: a conftest fixture
 from transformers import LlamaForCausalLM
@@ -27,8 +28,10 @@ def test_optimized_generate_matches_eager(which, compressed_models, calib_ids):
     fast = ressvd.optimize_for_inference(clone(model))
     assert fast.generation_config.cache_implementation == "static"
     tokens, scores = greedy(fast, ids)
-    # the compiled forward was really used (transformers keeps it on the model after the first call)
-    assert getattr(fast, "_compiled_call", None) is not None
+    # with a C++ compiler (inductor needs one on a CPU) the compiled forward was really used:
+    # transformers keeps it on the model after the first call; without one, nothing was compiled
+    compiled = getattr(fast, "_compiled_call", None) is not None
+    assert compiled == (cpu_compiler() is not None)
     assert torch.equal(tokens, eager_tokens)
     # float32 throughout; the compiled graph only reorders sums (and pre-packs weights): ~1e-6 relative
     # per product over 4 layers of a tiny model; 1e-4 of the scores' scale leaves a wide margin
@@ -44,3 +47,12 @@ def test_optimize_without_compile_and_bad_input(compressed_models):
         ressvd.optimize_for_inference(model, threads=0)
     with pytest.raises(TypeError, match="generative model"):
         ressvd.optimize_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_without_a_cpu_compiler_it_warns_and_keeps_the_static_cache(compressed_models, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpu_compiler() is None
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        model = ressvd.optimize_for_inference(clone(compressed_models["llama"]))
+    assert model.generation_config.cache_implementation == "static" and model.generation_config.disable_compile
