@@ -116,12 +116,15 @@ def build_rows(args, workdir: Path) -> list[dict]:
     gc.collect()
 
     calibration = ressvd.CalibrationSpec("c4", args.nsamples, args.calib_seqlen, args.seed)
+    # a k means partial-layer compression, whatever --method's own allocation is
+    allocation = None if args.k is None else "partial-layer"
     allocation_options = {} if args.k is None else {"k": args.k if args.k == "auto" else int(args.k)}
     for ratio in args.ratios:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = ressvd.compress(model, tokenizer, method=args.method, ratio=ratio, calibration=calibration,
-                                 allocation_options=allocation_options, dtype="bfloat16", progress=False)
+                                 allocation=allocation, allocation_options=allocation_options, dtype="bfloat16",
+                                 progress=False)
         seconds = time.perf_counter() - start
         info = {"kind": "ressvd", "ratio": ratio, "compress_seconds": seconds,
                 "achieved_ratio": report.achieved_ratio}
@@ -181,7 +184,11 @@ def measure(args, rows: list[dict]) -> None:
     probe_args = argparse.Namespace(device=args.device, prefill_tokens=args.prefill_tokens, batches=[1],
                                     decode_prompt=args.decode_prompt, threads=args.threads)
     for row in live:
-        row["memory"] = speed.run_probe(Path(row["path"]), probe_args)
+        try:
+            row["memory"] = speed.run_probe(Path(row["path"]), probe_args)
+        except RuntimeError as err:  # recorded; the table and deploy.json are still written
+            row["memory"] = {"peak_bytes": None, "peak_over_load_bytes": None}
+            row.setdefault("errors", {})["memory"] = one_line(err)
 
 
 def table(args, rows: list[dict]) -> str:
@@ -205,7 +212,7 @@ def table(args, rows: list[dict]) -> str:
                          f"failed: {r.get('errors', {}).get(m, '?')}")
         memory = r["memory"]
         peak = memory["peak_over_load_bytes"] or memory["peak_bytes"]
-        cells.append(mb(peak))
+        cells.append(mb(peak) if peak else f"failed: {r.get('errors', {}).get('memory', '?')}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -277,7 +277,8 @@ def cmd_run(args) -> int:
     if plan.healers:
         # what healing buys: the same compression without the healers, beside the healed one
         from dataclasses import replace
-        with tempfile.TemporaryDirectory(dir=Path(args.out).parent if Path(args.out).parent.exists() else None) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".ressvd-unhealed-",
+                                         dir=Path(args.out).parent if Path(args.out).parent.exists() else None) as tmp:
             base_record = _compress(args, replace(plan, healers=(), heal_options={}), out=Path(tmp) / "unhealed")
             model, tokenizer = load(Path(tmp) / "unhealed")
             unhealed = {"ppl": _perplexities(model, tokenizer, args), "params": total_params(model),

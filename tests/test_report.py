@@ -157,13 +157,15 @@ def test_report_reads_a_deploy_side_by_side(tmp_path):
     rows = [{"label": "dense bf16", "checkpoint_bytes": 269e6, "resident_bytes": 269e6, "wikitext2": 35.9},
             {"label": "dense int8", "checkpoint_bytes": 164e6, "resident_bytes": 164e6, "wikitext2": 36.1},
             {"label": "dense int4", "unavailable": "ImportError: Requires mslk >= 1.0.0"},
-            {"label": "ressvd 0.4 int8", "checkpoint_bytes": 121e6, "resident_bytes": 121e6, "wikitext2": 418.0}]
+            {"label": "ressvd 0.4 int8", "checkpoint_bytes": 121e6, "resident_bytes": 121e6, "wikitext2": 418.0},
+            {"label": "ressvd 0.4 bf16", "checkpoint_bytes": 184e6, "resident_bytes": 184e6, "wikitext2": 416.0}]
     (side / "deploy.json").write_text(json.dumps({"model": "smollm2-135m", "notes": "test rows", "rows": rows}))
     written = write_report([side], tmp_path / "report")
     assert written["deploy_pareto"].stat().st_size > 0
     text = written["markdown"].read_text()
     assert "## Deployment side-by-side: smollm2-135m" in text
     assert "| dense int8 | 164.0 | 164.0 | 36.10 | yes |" in text and "| dense bf16 | 269.0 | 269.0 | 35.90 | yes |" in text
+    assert "| ressvd 0.4 bf16 | 184.0 | 184.0 | 416.00 | no |" in text  # dominated by dense int8
     assert "not available: ImportError" in text
     (side / "deploy.json").write_text(json.dumps({"rows": [{"no": "label"}]}))
     with pytest.raises(RunDirError, match="'rows' list"):

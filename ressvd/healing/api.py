@@ -38,7 +38,8 @@ def heal(model: nn.Module, teacher, tokenizer=None, *, healer: str | Healer = "d
     healer: a name (built with `options`, e.g. lr, batch_size, grad_accum, train, teacher_topk,
     autocast, heldout, heldout_source, seed: ressvd.healing.distill.DistillHealer) or a built Healer.
     tokens / source / seqlen: the healer's token budget and training text (None: its defaults,
-    1M tokens of `c4` = c4-calib in 256-token windows). train_ids [N, seqlen] replaces the drawn
+    DEFAULT_TOKENS of ressvd.healing.distill: 40,960 on a CPU, 1M on CUDA, of `c4` =
+    c4-calib in 256-token windows). train_ids [N, seqlen] replaces the drawn
     windows, eval_ids the held-out ones. state_dir: where an interrupted heal resumes."""
     for key, value in (("tokens", tokens), ("source", source), ("seqlen", seqlen)):
         if value is not None:

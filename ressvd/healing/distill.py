@@ -347,13 +347,14 @@ def _heldout_kl(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor
 
 # ----------------------------------------------------------------------------------------------
 
-# The default budget, by device. CPU: 40,960 tokens, about 3.5 minutes on the 2-core CPU of
-# docs/BENCHMARKS.md (195 tokens/s for SmolLM2-135M), where it takes ResSVD at 0.2 from 146 to 124
-# WikiText-2 PPL after `local`; 300k tokens (27 minutes there) reach 91. CUDA: 1M tokens, a short heal
-# by the literature's standards (Lillama used 13M for 3B); not measured here (no GPU was lent).
+# The default budget, by device. CPU: 40,960 tokens, about 4 minutes on the 2-core CPU of
+# docs/BENCHMARKS.md (~195 tokens/s for SmolLM2-135M), where it takes ResSVD at 0.2 from 146 to 124
+# WikiText-2 PPL after `local` (lr 1e-4); 300k tokens (27-33 minutes there) reach 91. CUDA: 1M
+# tokens, a short heal by the literature's standards (Lillama used 13M for 3B); not measured here.
 DEFAULT_TOKENS = {"cpu": 40_960, "cuda": 1_000_000}
-# lr for the factors, chosen on the validation sets (PTB valid / C4 val PPL, SmolLM2-135M, ResSVD 0.2,
-# 40,960 tokens, docs/BENCHMARKS.md): 3e-5 131.3 / 74.2, 1e-4 137.7 / 74.8, 3e-4 192.1 / 97.7.
+# lr for the factors: the best of three rates on the validation sets, PTB valid / C4 val PPL
+# (SmolLM2-135M, ResSVD 0.2, 40,960 tokens, distillation without `local`, docs/BENCHMARKS.md):
+# 3e-5 131.3 / 74.2, 1e-4 137.7 / 74.8, 3e-4 192.1 / 97.7.
 LR_FACTORS = 3e-5
 
 

@@ -85,8 +85,9 @@ def markdown(records: list[dict], plots: dict[str, str] | None = None, metric: s
                 if "unavailable" in row:
                     lines.append(f"| {row['label']} | not available: {row['unavailable']} | | | |")
                     continue
-                lines.append(f"| {row['label']} | {_fmt(row.get('checkpoint_bytes', 0) / 1e6, '.1f')} | "
-                             f"{_fmt(row.get('resident_bytes', 0) / 1e6, '.1f')} | {_fmt(row.get('wikitext2'), '.2f')} | "
+                mb = {k: row[k] / 1e6 if row.get(k) else None for k in ("checkpoint_bytes", "resident_bytes")}
+                lines.append(f"| {row['label']} | {_fmt(mb['checkpoint_bytes'], '.1f')} | "
+                             f"{_fmt(mb['resident_bytes'], '.1f')} | {_fmt(row.get('wikitext2'), '.2f')} | "
                              f"{'yes' if row['label'] in front else 'no'} |")
             if deploy.get("notes"):
                 lines += ["", deploy["notes"]]
