@@ -348,9 +348,10 @@ def _heldout_kl(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 # The default budget, by device. CPU: 40,960 tokens, about 4 minutes on the 2-core CPU of
-# docs/BENCHMARKS.md (~195 tokens/s for SmolLM2-135M), where it takes ResSVD at 0.2 from 146 to 124
-# WikiText-2 PPL after `local` at lr 1e-4, to 113 at lr 3e-5 (`make demo`); 300k tokens (27-33 minutes there) reach 91. CUDA: 1M
-# tokens, a short heal by the literature's standards (Lillama used 13M for 3B); not measured here.
+# docs/BENCHMARKS.md (~195 tokens/s for SmolLM2-135M), where it takes ResSVD at 0.2 from 146 (after
+# `local`) to 124 WikiText-2 PPL at lr 1e-4 and to 113 at lr 3e-5 (`make demo`); 300k tokens (27-33
+# minutes there) reach 91. CUDA: 1M tokens, a short heal by the literature's standards (Lillama
+# used 13M for 3B); not measured here.
 DEFAULT_TOKENS = {"cpu": 40_960, "cuda": 1_000_000}
 # lr for the factors: the best of three rates on the validation sets, PTB valid / C4 val PPL
 # (SmolLM2-135M, ResSVD 0.2, 40,960 tokens, distillation without `local`, docs/BENCHMARKS.md):
