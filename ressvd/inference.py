@@ -15,7 +15,7 @@ model exactly the same treatment.
 - CUDA: transformers' default compile mode, "reduce-overhead" (CUDA graphs).
 - `threads`: torch's intra-op thread count, process-wide (torch.set_num_threads), when given.
 - Process-wide too: Dynamo's recompile limit is raised to 64, so that several optimised models in
-  one process (a benchmark, an A/B test) each keep their compiled graphs.
+  one process (a benchmark, an A/B test) can each keep their compiled graphs.
 
 Without a C++ compiler on a CPU (inductor needs one) it warns and sets up the static cache alone.
 The first `generate()` compiles (tens of seconds on a CPU); later calls with the same prompt and
@@ -66,7 +66,7 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = True, threads: i
     if compile:
         # Dynamo keys its graphs on the forward's code, shared by every model of one class; with the
         # weights frozen into each graph, every optimised model (and every decode length) adds entries.
-        # Past the default limit of 8 it silently falls back to eager, slower than never compiling.
+        # Past the default limit of 8 Dynamo falls back to eager for that code, with one log line.
         import torch._dynamo.config as dynamo_config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     config = model.generation_config
