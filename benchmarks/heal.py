@@ -38,6 +38,9 @@ STARTS = {  # name -> compress settings
     "ressvd-k29": dict(method="ressvd", allocation_options={"k": 29}),
     # per-layer ratios from measured sensitivity (issue 16): 121 WikiText-2 unhealed at 0.2 on SmolLM2
     "svd-llm-sensitivity": dict(method="svd-llm", allocation="sensitivity"),
+    # the same with the probes scored under bfloat16 autocast (the factorisations unchanged)
+    "svd-llm-sensitivity-bf16": dict(method="svd-llm", allocation="sensitivity",
+                                     allocation_options={"probe_dtype": "bfloat16"}),
 }
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ressvd
-from ressvd.inference import cpu_compiler
+from ressvd.inference import Batch1Linear, cpu_compiler, use_batch1_products
 
 from .conftest import clone, tiny_llama_config, _build  # compressed_models: a conftest fixture
 from transformers import LlamaForCausalLM
@@ -20,21 +20,26 @@ def greedy(model, ids, new_tokens=6):
     return out.sequences, torch.stack(out.scores)
 
 
-@pytest.mark.parametrize("which", ["compressed", "dense"])
-def test_optimized_generate_matches_eager(which, compressed_models, calib_ids):
+@pytest.mark.parametrize("which,products", [("compressed", "linear"), ("dense", "linear"),
+                                             ("compressed", "reduction"), ("dense", "reduction")])
+def test_optimized_generate_matches_eager(which, products, compressed_models, calib_ids):
     model = clone(compressed_models["llama"]) if which == "compressed" else _build(tiny_llama_config, LlamaForCausalLM)
     ids = calib_ids[:1, :12]
     eager_tokens, eager_scores = greedy(model, ids)
-    fast = ressvd.optimize_for_inference(clone(model))
+    fast = ressvd.optimize_for_inference(clone(model), products=products)
     assert fast.generation_config.cache_implementation == "static"
+    batch1 = [m for m in fast.modules() if isinstance(m, Batch1Linear)]
+    # reduction: every nn.Linear (both factors of each LowRankLinear, the dense ones, the LM head)
+    assert len(batch1) == (sum(type(m) is torch.nn.Linear for m in model.modules()) if products == "reduction" else 0)
     tokens, scores = greedy(fast, ids)
     # with a C++ compiler (inductor needs one on a CPU) the compiled forward was really used:
     # transformers keeps it on the model after the first call; without one, nothing was compiled
     compiled = getattr(fast, "_compiled_call", None) is not None
     assert compiled == (cpu_compiler() is not None)
     assert torch.equal(tokens, eager_tokens)
-    # float32 throughout; the compiled graph only reorders sums (and pre-packs weights): ~1e-6 relative
-    # per product over 4 layers of a tiny model; 1e-4 of the scores' scale leaves a wide margin
+    # float32 throughout; the compiled graph only reorders sums (and pre-packs weights; the reduction
+    # sums each row in its own vectorised order): ~1e-6 relative per product over 4 layers of a tiny
+    # model; 1e-4 of the scores' scale leaves a wide margin
     scale = eager_scores.abs().max()
     assert (scores - eager_scores).abs().max() <= 1e-4 * scale
 
@@ -47,6 +52,59 @@ def test_optimize_without_compile_and_bad_input(compressed_models):
         ressvd.optimize_for_inference(model, threads=0)
     with pytest.raises(TypeError, match="generative model"):
         ressvd.optimize_for_inference(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="products must be one of"):
+        ressvd.optimize_for_inference(model, products="fast")
+
+
+def test_batch1_linear_is_a_linear_outside_compiled_graphs():
+    """Eager calls (prefill, training, any batch) run nn.Linear's own forward, bit for bit, and the
+    state dict is unchanged; subclasses of nn.Linear and quantised weights are left alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3, bias=False))
+    reference = clone(model)
+    assert use_batch1_products(model) == 2
+    for x in (torch.randn(1, 1, 8), torch.randn(2, 5, 8)):
+        assert torch.equal(model(x), reference(x))
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+    class Custom(torch.nn.Linear):
+        pass
+    assert use_batch1_products(torch.nn.Sequential(Custom(2, 2))) == 0
+
+
+def test_batch1_reduction_matches_linear_when_compiled():
+    """Compiled, a one-row product takes the reduction and equals F.linear to float32 rounding; a
+    bfloat16 weight is read as bfloat16 and summed in float32 (one rounding of the output)."""
+    backend = "inductor" if cpu_compiler() is not None else "aot_eager"  # inductor needs a C++ compiler
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+        layer = torch.nn.Linear(64, 48).to(dtype)
+        reference = clone(layer)
+        use_batch1_products(layer)
+        x = torch.randn(1, 1, 64, dtype=dtype)
+        with torch.no_grad():
+            fast = torch.compile(layer, fullgraph=True, backend=backend)(x).float()
+            exact = torch.nn.functional.linear(x.double(), reference.weight.double(), reference.bias.double())
+        # float32 sums of 64 terms of size ~1: error ~1e-6; bfloat16: the output's own rounding, 2^-8
+        # relative, and the inputs are exact in float32
+        assert (fast - exact).abs().max() <= tol * exact.abs().max()
+
+    # what Dynamo traces: a one-row input takes the sum, a two-row one the linear
+    def traced_ops(x):
+        ops = []
+
+        def record(gm, example_inputs):
+            ops.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+            return gm.forward
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(layer, backend=record, fullgraph=True)(x)
+        return " ".join(ops)
+    layer = torch.nn.Linear(16, 8)
+    use_batch1_products(layer)
+    one_row, two_rows = traced_ops(torch.randn(1, 1, 16)), traced_ops(torch.randn(1, 2, 16))
+    assert "sum" in one_row and "linear" not in one_row
+    assert "linear" in two_rows and "sum" not in two_rows
 
 
 def test_without_a_cpu_compiler_it_warns_and_keeps_the_static_cache(compressed_models, monkeypatch):

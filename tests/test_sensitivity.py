@@ -260,3 +260,30 @@ def test_report_draws_the_sensitivity_heatmap_for_a_real_run(tiny_model_dir, tex
     written = write_report([ck], tmp_path / "out")
     png = written["sensitivity-ck"]
     assert png.name == "sensitivity-ck.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bfloat16_probes_round_only_the_scores(tiny_llama, calib_ids):
+    """probe_dtype="bfloat16" scores every probe (and the dense baseline) under bfloat16 autocast.
+    The factorisations are untouched, so a unit's Δ moves only by the scoring's rounding, and the
+    probes of the most and least sensitive units keep their order."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = clone(tiny_llama)
+        report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
+                                 allocation_options={"probe_dtype": dtype}, progress=False)
+        assert report.search["probe_dtype"] == dtype
+        runs[dtype] = report.allocation_details
+    exact, rounded = runs["float32"], runs["bfloat16"]
+    # bfloat16 keeps 8 significant bits: the products' inputs are rounded by up to 2^-9 relative, and
+    # the loss with them (2^-8 of the base loss bounds it with room). A Δ is a difference of two such
+    # losses whose roundings are mostly shared, so what the allocation needs is that its error stays
+    # small against the spread of the Δs: 1/10 of the largest (measured here: 1/90).
+    assert rounded["base_loss"] == pytest.approx(exact["base_loss"], rel=2 ** -8)
+    deltas = {(u, c): d for u, row in exact["sensitivity"].items() for c, d in row.items()}
+    spread = max(abs(d) for d in deltas.values())
+    for (unit, c), delta in deltas.items():
+        assert abs(rounded["sensitivity"][unit][c] - delta) <= 0.1 * spread, (unit, c)
+    top, bottom = max(deltas, key=deltas.get), min(deltas, key=deltas.get)
+    assert rounded["sensitivity"][top[0]][top[1]] > rounded["sensitivity"][bottom[0]][bottom[1]]
+    with pytest.raises(ValueError, match="probe_dtype"):
+        get_allocator("sensitivity", probe_dtype="int8")

@@ -53,7 +53,11 @@ data-driven generalisation otherwise (any k layers, not only the last ones).
 
 Options: ratios (candidates, default 0.2, 0.4, 0.6, 0.8, a list or "0.2,0.4"; those at which some
 matrix would keep rank 0 are dropped; the run's ratio may not exceed the largest), holdout (0.25),
-fit_samples (8), groups (False), step (the DP's ratio grid, 0.01).
+fit_samples (8), groups (False), step (the DP's ratio grid, 0.01), probe_dtype ("float32", or
+"bfloat16": the suffix passes and the LM head of the scoring, the dense baseline's included, run
+under bfloat16 autocast, which this CPU's AMX and any recent GPU run several times faster; the
+factorisations, their statistics and the dense stream carried from layer to layer stay in the run's
+precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes).
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ from .ranks import MatrixSpec, factorization_saves, rank_for_ratio, validate_rat
 log = logging.getLogger("ressvd")
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)
+PROBE_DTYPES = ("float32", "bfloat16")
 
 
 def ratio_key(ratio: float) -> str:
@@ -151,7 +156,8 @@ def _dense_stats(layer, adapter, inputs, options):
 
 def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options, matrices: list[MatrixSpec],
                         candidates: list[float], groups: bool = False, holdout: float = 0.25,
-                        fit_samples: int = 8, progress: bool = True) -> tuple[float, dict[str, dict[str, float]]]:
+                        fit_samples: int = 8, progress: bool = True,
+                        probe_dtype: str = "float32") -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
     module docstring). The model is left as it was."""
     from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
@@ -169,7 +175,14 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
     quiet.progress = False
     fit_in = capture_inputs(model, adapter, fit_ids, quiet)
     held_in = capture_inputs(model, adapter, held_ids, quiet)
-    base = _next_token_nll(model, _final_normed(model, adapter, layers, held_in, 0), held_ids)
+    device_type = held_in.hidden[0].device.type
+
+    def score(start: int) -> float:
+        """Mean held-out NLL with the layers from `start` on run over held_in (in probe_dtype)."""
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=probe_dtype == "bfloat16"):
+            return _next_token_nll(model, _final_normed(model, adapter, layers, held_in, start), held_ids)
+
+    base = score(0)
 
     by_unit: dict[str, list[MatrixSpec]] = {}
     for spec in matrices:
@@ -197,7 +210,7 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                                            hooks=EngineHooks(profile=_LayerStats(index, stats)))
                     else:
                         compress_layerwise(model, first, fit_ids, plan, method, quiet, inputs=fit_in)
-                    loss = _next_token_nll(model, _final_normed(model, adapter, layers, held_in, index), held_ids)
+                    loss = score(index)
                 except DecompositionError as err:  # non-finite factors at this ratio: never choose it
                     log.warning("sensitivity probe of unit %s at ratio %s failed: %s", unit, c, err)
                     loss = math.inf
@@ -346,8 +359,11 @@ class SensitivityAllocation(Allocator):
                "(knapsack DP over the ratios, exact budget)")
 
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
-                 groups: bool = False, step: float = 0.01):
+                 groups: bool = False, step: float = 0.01, probe_dtype: str = "float32"):
         self.ratios = _parse_ratios(ratios)
+        if probe_dtype not in PROBE_DTYPES:
+            raise ValueError(f"probe_dtype must be one of {', '.join(PROBE_DTYPES)}, got {probe_dtype!r}")
+        self.probe_dtype = probe_dtype
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.5:
             raise ValueError(f"step must lie in (0, 0.5], got {step!r}")
         self.step = float(step)
@@ -394,7 +410,7 @@ class SensitivityAllocation(Allocator):
         start = time.perf_counter()
         base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, context.method,
                                                 context.options, matrices, candidates, self.groups, self.holdout,
-                                                self.fit_samples, context.progress)
+                                                self.fit_samples, context.progress, self.probe_dtype)
         seconds = time.perf_counter() - start
         sizes: dict[str, int] = {}
         for m in matrices:
@@ -412,6 +428,7 @@ class SensitivityAllocation(Allocator):
             "predicted_delta": sum(interpolate(sensitivity[u], r) for u, r in chosen.items()),
             "rounded_ratios": rounded, "candidates": candidates, "units": "groups" if self.groups else "layers",
         }
-        search = {"criterion": "loss", "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
+        search = {"criterion": "loss", "probe_dtype": self.probe_dtype,
+                  "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
                   "held_out_sequences": len(held_ids), "seconds": seconds}
         return AllocationResult(ranks, search=search, details=details)
