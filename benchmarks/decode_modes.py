@@ -8,7 +8,12 @@ their repeats interleaved in one process (so background load hits them alike):
   eager      as loaded, no optimize_for_inference (dynamic cache, eager forward);
   linear     static cache + compiled forward, aten's linear with frozen weights (the old default);
   reduction  the same, batch-1 products as fused multiply-and-sum loops (Batch1Linear);
-  autotune   the same, inductor's max-autotune GEMM templates.
+  autotune   the same, inductor's max-autotune GEMM templates;
+and two ablations of `reduction`, which now runs unfrozen with `decode_attention` (ressvd.inference):
+  reduction-sdpa    the same products, SDPA attention kept;
+  reduction-eager   the same products, transformers' eager attention (matmul, softmax, matmul);
+  reduction-frozen  the same products, SDPA attention and frozen weights: `reduction` until
+                    session 9 (freezing folds each bfloat16 weight's float() into a float32 copy).
 
 Decode tokens/s (benchmarks/speed.py's clock: first new token to last) is the median of
 --repeats; "x dense" divides the compressed model's median by the dense model's in the same mode
@@ -39,7 +44,7 @@ import ressvd  # noqa: E402
 from ressvd import CalibrationSpec  # noqa: E402
 from speed import prompt_ids, time_decode  # noqa: E402  (benchmarks/speed.py)
 
-MODES = ("eager", "linear", "reduction", "autotune")
+MODES = ("eager", "linear", "reduction", "autotune", "reduction-sdpa", "reduction-eager", "reduction-frozen")
 
 
 def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -53,7 +58,12 @@ def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def prepare(model, mode: str, dtype: torch.dtype):
     model = copy.deepcopy(model).to(dtype)
     if mode != "eager":
-        ressvd.optimize_for_inference(model, products=mode)
+        products, _, ablation = mode.partition("-")
+        ressvd.optimize_for_inference(model, products=products)
+        if ablation:  # undo the attention switch; "frozen" also freezes the weights again
+            model.set_attn_implementation("eager" if ablation == "eager" else "sdpa")
+            if ablation == "frozen":
+                model.generation_config.compile_config.options["freezing"] = True
     return model
 
 
@@ -65,7 +75,7 @@ def main() -> None:
     parser.add_argument("--layout", default="separate", choices=["separate", "fused"],
                         help="fused: one stacked B per q/k/v and per gate/up group (ressvd.modules.fused)")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES[:4]))
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--decode-prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -107,7 +117,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for variant in variants.values():
                 variant["times"].append(time_decode(variant["model"], prompt, args.decode_tokens))
-        print(f"\n{dtype_name}\n{'mode':<10s} {'dense tok/s':>12s} {'low-rank tok/s':>15s} {'x dense':>8s} "
+        print(f"\n{dtype_name}\n{'mode':<16s} {'dense tok/s':>12s} {'low-rank tok/s':>15s} {'x dense':>8s} "
               f"{'dense x linear':>15s} {'tokens = eager':>15s} {'warm-up s':>10s}")
         for mode in modes:
             d, c = variants[(mode, "dense")], variants[(mode, "compressed")]
@@ -115,7 +125,7 @@ def main() -> None:
             base = statistics.median(variants[("linear", "dense")]["times"]) if ("linear", "dense") in variants else None
             same = [torch.equal(v["tokens"], variants[("eager", n)]["tokens"]) if ("eager", n) in variants else None
                     for v, n in ((d, "dense"), (c, "compressed"))]
-            print(f"{mode:<10s} {dm:12.1f} {cm:15.1f} {cm / dm:7.2f}x "
+            print(f"{mode:<16s} {dm:12.1f} {cm:15.1f} {cm / dm:7.2f}x "
                   f"{(f'{dm / base:.2f}x' if base else '-'):>15s} {str(same[0]) + '/' + str(same[1]):>15s} "
                   f"{d['warmup_s']:5.0f}/{c['warmup_s']:.0f}", flush=True)
             results.append({"dtype": dtype_name, "mode": mode, "dense": d["times"], "compressed": c["times"],

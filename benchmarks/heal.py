@@ -41,6 +41,13 @@ STARTS = {  # name -> compress settings
     # the same with the probes scored under bfloat16 autocast (the factorisations unchanged)
     "svd-llm-sensitivity-bf16": dict(method="svd-llm", allocation="sensitivity",
                                      allocation_options={"probe_dtype": "bfloat16"}),
+    # ResSVD (compressed-prefix statistics) with the per-layer ratios of bfloat16-scored probes
+    "ressvd-sensitivity-bf16": dict(method="ressvd", allocation="sensitivity",
+                                    allocation_options={"probe_dtype": "bfloat16"}),
+    # the same probed with SVD-LLM, which equals ResSVD's default residual on a probe's dense prefix
+    "ressvd-sensitivity-bf16-svdllm-probes": dict(method="ressvd", allocation="sensitivity",
+                                                  allocation_options={"probe_dtype": "bfloat16",
+                                                                      "probe_method": "svd-llm"}),
 }
 
 
@@ -121,7 +128,8 @@ def main() -> None:
         base = "local" if local else "none"
         if base in wanted:
             record(base, model, compress_s, report.seconds.get("heal", 0.0), peak.peak,
-                   {"healing": report.healing.get("layers")})
+                   {"healing": report.healing.get("layers"), "search": report.search,
+                    "chosen_ratios": (report.allocation_details or {}).get("ratios")})
         if f"{base}+distill" in wanted or (not local and "distill" in wanted):
             lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]
             for lr in lrs:

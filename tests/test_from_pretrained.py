@@ -202,3 +202,21 @@ def test_truncated_weights_fail_loudly_through_from_pretrained(checkpoint):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(Exception):
         remote_load(checkpoint)
+
+
+def test_optimize_for_inference_works_on_a_remote_loaded_model(compressed_models, calib_ids, tmp_path):
+    """The one documented call reaches a plain from_pretrained(trust_remote_code=True) model: the
+    CPU default (batch-1 reductions, decode attention, compiled static-cache decode) gives its
+    eager greedy tokens."""
+    ressvd.save(clone(compressed_models["gemma3"]), None, tmp_path / "ck")
+    model = remote_load(tmp_path / "ck")
+    ids = calib_ids[:1, :12]
+
+    def greedy(m):
+        with torch.inference_mode():
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+    eager = greedy(model)
+    fast = ressvd.optimize_for_inference(model)
+    assert fast.config._attn_implementation == "ressvd_decode"
+    assert torch.equal(greedy(fast), eager)

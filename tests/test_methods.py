@@ -204,3 +204,33 @@ def test_residual_rank_follows_beta_and_leaves_stage_one_a_rank():
 def test_ressvd_rejects_unknown_residual_mode():
     with pytest.raises(ValueError, match="residual"):
         get_method("ressvd", residual="magic")
+
+
+@pytest.mark.parametrize("name", ["svd", "svd-llm", "svd-llm-v2"])
+def test_one_spectrum_gives_every_ranks_factors(name):
+    """A method with a rank-free decomposition (used by the sensitivity probes to decompose each
+    matrix once for all candidates) gives, truncated to r, exactly the factors that a fresh
+    factorisation at r gives, and those are the truncation of one SVD (nested: rank r's factors are
+    the first r columns / rows of rank r+k's)."""
+    X, W = correlated_inputs(), weight()
+    method = get_method(name)
+    assert method.has_spectrum()
+    spectrum = method.spectrum(W, stats_for(X))
+    for rank in (1, 7, 40):
+        fresh = method.factorize(W, rank, stats_for(X))  # new statistics: nothing shared with `spectrum`
+        cached = spectrum.factors(rank)
+        assert torch.equal(cached.A, fresh.A) and torch.equal(cached.B, fresh.B), rank
+        assert cached.info == fresh.info
+    small, large = spectrum.factors(7), spectrum.factors(40)
+    assert torch.equal(small.A, large.A[:, :7]) and torch.allclose(small.B, large.B[:7], rtol=1e-12, atol=0)
+    if name == "svd":  # and the plain truncation is what it always was
+        A, B, _ = truncated_svd_factors(W, 7)
+        assert torch.equal(small.A, A) and torch.equal(small.B, B)
+
+
+def test_methods_without_a_rank_free_decomposition_say_so():
+    for name in ("ressvd", "svd-llm-update", "asvd", "fwsvd"):
+        method = get_method(name)
+        assert not method.has_spectrum()
+        with pytest.raises(NotImplementedError, match="rank-free"):
+            method.spectrum(weight(), stats_for(correlated_inputs()))

@@ -287,3 +287,46 @@ def test_bfloat16_probes_round_only_the_scores(tiny_llama, calib_ids):
     assert rounded["sensitivity"][top[0]][top[1]] > rounded["sensitivity"][bottom[0]][bottom[1]]
     with pytest.raises(ValueError, match="probe_dtype"):
         get_allocator("sensitivity", probe_dtype="int8")
+
+
+def test_probes_decompose_each_matrix_once_for_every_candidate(tiny_llama, calib_ids, monkeypatch):
+    """With dense statistics and svd-llm, the four candidates of a layer share one decomposition per
+    matrix (the Δs themselves are checked against independent compressions above)."""
+    from ressvd.methods.svd_llm import SVDLLM
+    calls = []
+    spectrum = SVDLLM.spectrum
+
+    def counting(self, weight, stats, name=""):
+        calls.append(name)
+        return spectrum(self, weight, stats, name)
+
+    monkeypatch.setattr(SVDLLM, "spectrum", counting)
+    report = ressvd.compress(clone(tiny_llama), calibration=calib_ids, ratio=0.3, method="svd-llm",
+                             allocation="sensitivity", progress=False)
+    matrices = specs(tiny_llama)
+    compressed = [m for m in matrices if report.ranks[m.name] is not None]
+    # one per matrix in the probes, then the final compression's own, one per compressed matrix
+    assert len(calls) == len(matrices) + len(compressed)
+    assert sorted(set(calls[: len(matrices)])) == sorted(m.name for m in matrices)
+    assert set(report.search["probe_seconds"]) == {"factorise", "score"}
+
+
+def test_svd_llm_probes_measure_what_ressvd_probes_measure(tiny_llama, calib_ids):
+    """probe_method="svd-llm" under --method ressvd: with a dense prefix, ResSVD's default residual
+    ("same") is SVD-LLM at the same total rank (methods.md §2.7), so the Δs agree to rounding
+    (float64 model: ~1e-11 for identical paths; 1e-7 leaves the rounding of two different SVD
+    sequences room) and the final compression is still ResSVD's."""
+    runs = {}
+    for probe_method in (None, "svd-llm"):
+        model = float64_model(clone(tiny_llama))
+        report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="sensitivity",
+                                 allocation_options={"probe_method": probe_method} if probe_method else {},
+                                 progress=False)
+        assert report.search["probe_method"] == (probe_method or "ressvd")
+        assert report.method == "ressvd"
+        runs[probe_method] = report.allocation_details["sensitivity"]
+    for unit, row in runs[None].items():
+        for c, delta in row.items():
+            assert runs["svd-llm"][unit][c] == pytest.approx(delta, abs=1e-7), (unit, c)
+    with pytest.raises(ValueError, match="svd-llm"):
+        get_allocator("sensitivity", probe_method="svd-lm")

@@ -18,8 +18,12 @@ the whole measurement is about |ratios|·N(N+1)/2 layer passes over the held-out
 statistics are the dense model's alone (one stream, e.g. svd-llm's default), a layer's statistics
 do not depend on the ratio: they are accumulated once per layer (the same InputStats sums as the
 engine's loop) and every probe of that layer is factorised from them through an in-memory
-calibration profile; otherwise (compressed-stream or two-stream methods) each probe runs the
-engine's own loop on layer l from the cached fit inputs.
+calibration profile. That holds too for a method that reads the compressed stream alone (ressvd's
+default): with a dense prefix, that stream is the dense one. A method whose factors truncate one
+rank-free decomposition (svd, svd-llm, svd-llm-v2: CompressionMethod.spectrum) then decomposes each
+matrix once for all candidates. Two-stream methods (svd-llm-update, a refit) instead run the
+engine's own loop on layer l from the cached fit inputs for each probe. The record's search.probe_seconds splits the probes' time into
+"factorise" and "score".
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
 Choice. With P_u the unit's dense parameters, Δ_u is interpolated linearly between (0, 0) (the
@@ -57,7 +61,11 @@ fit_samples (8), groups (False), step (the DP's ratio grid, 0.01), probe_dtype (
 "bfloat16": the suffix passes and the LM head of the scoring, the dense baseline's included, run
 under bfloat16 autocast, which this CPU's AMX and any recent GPU run several times faster; the
 factorisations, their statistics and the dense stream carried from layer to layer stay in the run's
-precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes).
+precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes), probe_method
+(None: the run's method; or a method name, default options, for the probes only: with ressvd's
+default residual, "same", a probe's layer has a dense prefix and ressvd is SVD-LLM at the same rank
+(methods.md §2.7), so probe_method="svd-llm" measures the same Δ with one decomposition per matrix
+instead of two SVDs per probe).
 """
 from __future__ import annotations
 
@@ -132,6 +140,24 @@ class _LayerStats:
         raise AssertionError("a complete profile is never written")
 
 
+class _SpectrumCache:
+    """The run's method, with each matrix's rank-free decomposition (CompressionMethod.spectrum)
+    computed at its first probe and truncated for the others: the same factors as the method's own
+    factorize() at every rank (Spectrum.factors runs its operations), one SVD instead of one per
+    candidate. One cache per layer, so at most one layer's decompositions are held."""
+
+    def __init__(self, method):
+        self._method, self._spectra = method, {}
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = ""):
+        if name not in self._spectra:
+            self._spectra[name] = self._method.spectrum(weight, stats, name)
+        return self._spectra[name].factors(rank)
+
+
 @torch.no_grad()
 def _dense_stats(layer, adapter, inputs, options):
     """The dense statistics of every input group of `layer` on `inputs` (what the engine's layer loop
@@ -157,9 +183,11 @@ def _dense_stats(layer, adapter, inputs, options):
 def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options, matrices: list[MatrixSpec],
                         candidates: list[float], groups: bool = False, holdout: float = 0.25,
                         fit_samples: int = 8, progress: bool = True,
-                        probe_dtype: str = "float32") -> tuple[float, dict[str, dict[str, float]]]:
+                        probe_dtype: str = "float32",
+                        timings: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
-    module docstring). The model is left as it was."""
+    module docstring). The model is left as it was. `timings`, when given, receives the seconds the
+    probes spent factorising ("factorise", the compression of the probed layer) and scoring ("score")."""
     from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
                                       propagate_dense, streams_needed)
     from ..methods.linalg import DecompositionError
@@ -183,17 +211,27 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
             return _next_token_nll(model, _final_normed(model, adapter, layers, held_in, start), held_ids)
 
     base = score(0)
+    seconds = {"factorise": 0.0, "score": 0.0}  # of the probes, for the run's record
 
     by_unit: dict[str, list[MatrixSpec]] = {}
     for spec in matrices:
         by_unit.setdefault(unit_of(spec, groups), []).append(spec)
     sensitivity: dict[str, dict[str, float]] = {}
     # With dense statistics alone (one stream), a layer's statistics do not depend on the ratio:
-    # computed once per layer, every probe of the layer is factorised from them.
+    # computed once per layer, every probe of the layer is factorised from them; and a method whose
+    # factors are a truncation of one decomposition (svd-llm, svd-llm-v2, svd) decomposes each matrix
+    # once per layer, not once per candidate.
+    if streams_needed(method, quiet) == ["compressed"]:
+        # A probe's prefix is dense, so the compressed stream entering the probed layer is the dense
+        # one: a single-stream method that reads the compressed stream (ressvd's default) is probed
+        # from the same numbers computed as dense statistics, and shares them like svd-llm.
+        quiet.stats = "dense"
     shared = streams_needed(method, quiet) == ["dense"]
+    spectra = shared and method.has_spectrum()
     bar = tqdm(total=len(by_unit) * len(candidates), desc="sensitivity", disable=not progress, unit="probe")
     for index in range(num_layers):
         units = [u for u, specs in by_unit.items() if specs[0].layer == index]
+        probe_method = _SpectrumCache(method) if spectra else method
         if shared:
             stats, fit_next = _dense_stats(layers[index], adapter, fit_in, quiet)
         for unit in units:
@@ -205,12 +243,16 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                 layers[index] = copy.deepcopy(original)
                 try:
                     plan, first = CompressionPlan(ranks), _FirstLayers(adapter, index + 1)
+                    started = time.perf_counter()
                     if shared:
-                        compress_layerwise(model, first, fit_ids, plan, method, quiet,
+                        compress_layerwise(model, first, fit_ids, plan, probe_method, quiet,
                                            hooks=EngineHooks(profile=_LayerStats(index, stats)))
                     else:
                         compress_layerwise(model, first, fit_ids, plan, method, quiet, inputs=fit_in)
+                    seconds["factorise"] += time.perf_counter() - started
+                    started = time.perf_counter()
                     loss = score(index)
+                    seconds["score"] += time.perf_counter() - started
                 except DecompositionError as err:  # non-finite factors at this ratio: never choose it
                     log.warning("sensitivity probe of unit %s at ratio %s failed: %s", unit, c, err)
                     loss = math.inf
@@ -224,6 +266,8 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                 propagate_dense(layers, fit_in, index + 1, quiet)
             held_in = propagate_dense(layers, held_in, index + 1, quiet)
     bar.close()
+    if timings is not None:
+        timings.update(seconds)
     return base, sensitivity
 
 
@@ -359,8 +403,13 @@ class SensitivityAllocation(Allocator):
                "(knapsack DP over the ratios, exact budget)")
 
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
-                 groups: bool = False, step: float = 0.01, probe_dtype: str = "float32"):
+                 groups: bool = False, step: float = 0.01, probe_dtype: str = "float32",
+                 probe_method: str | None = None):
         self.ratios = _parse_ratios(ratios)
+        if probe_method is not None:
+            from ..methods import get_method
+            get_method(probe_method)  # an unknown name fails here, naming the available ones
+        self.probe_method = probe_method
         if probe_dtype not in PROBE_DTYPES:
             raise ValueError(f"probe_dtype must be one of {', '.join(PROBE_DTYPES)}, got {probe_dtype!r}")
         self.probe_dtype = probe_dtype
@@ -407,10 +456,12 @@ class SensitivityAllocation(Allocator):
         if ratio > candidates[-1]:
             raise ValueError(f"sensitivity allocation: ratio {ratio} exceeds the largest candidate ratio "
                              f"{candidates[-1]}; add larger candidates (option ratios)")
-        start = time.perf_counter()
-        base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, context.method,
+        start, timings = time.perf_counter(), {}
+        from ..methods import get_method
+        probe_method = get_method(self.probe_method) if self.probe_method else context.method
+        base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, probe_method,
                                                 context.options, matrices, candidates, self.groups, self.holdout,
-                                                self.fit_samples, context.progress, self.probe_dtype)
+                                                self.fit_samples, context.progress, self.probe_dtype, timings)
         seconds = time.perf_counter() - start
         sizes: dict[str, int] = {}
         for m in matrices:
@@ -428,7 +479,8 @@ class SensitivityAllocation(Allocator):
             "predicted_delta": sum(interpolate(sensitivity[u], r) for u, r in chosen.items()),
             "rounded_ratios": rounded, "candidates": candidates, "units": "groups" if self.groups else "layers",
         }
-        search = {"criterion": "loss", "probe_dtype": self.probe_dtype,
+        search = {"criterion": "loss", "probe_dtype": self.probe_dtype, "probe_method": probe_method.name,
                   "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
-                  "held_out_sequences": len(held_ids), "seconds": seconds}
+                  "held_out_sequences": len(held_ids), "seconds": seconds,
+                  "probe_seconds": {k: round(v, 3) for k, v in timings.items()}}
         return AllocationResult(ranks, search=search, details=details)

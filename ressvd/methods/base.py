@@ -8,7 +8,7 @@ package that defines a subclass decorated with @register_method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -21,6 +21,24 @@ class Factors:
     A: torch.Tensor  # (m, r)
     B: torch.Tensor  # (r, n)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the diagonal shift that was needed
+
+
+@dataclass
+class Spectrum:
+    """A rank-free factorisation W ≈ U diag(σ) Vh (whitened coordinates) whose rank-r factors are
+    its leading r components: A = U_r σ_r^½, B = finish(σ_r^½ V_rᵀ) (`finish` maps the whitened
+    right factor back to input coordinates). Computing it once serves every rank; `factors(r)` runs
+    exactly the operations of the method's own factorize() at rank r, so the factors are the same."""
+    U: torch.Tensor  # (m, p)
+    sigma: torch.Tensor  # (p,), descending
+    Vh: torch.Tensor  # (p, n)
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def factors(self, rank: int) -> Factors:
+        root = self.sigma[:rank].sqrt()
+        B = root[:, None] * self.Vh[:rank]
+        return Factors(self.U[:, :rank] * root, self.finish(B) if self.finish else B, dict(self.info))
 
 
 class CompressionMethod:
@@ -49,8 +67,21 @@ class CompressionMethod:
         return None
 
     def factorize(self, weight: torch.Tensor, rank: int, stats: GroupStats, name: str = "") -> Factors:
-        """weight: (m, n) float64 on the compute device; name: the full module name."""
-        raise NotImplementedError
+        """weight: (m, n) float64 on the compute device; name: the full module name. A method that
+        defines spectrum() gets this for free: its spectrum truncated to `rank`."""
+        if type(self).spectrum is CompressionMethod.spectrum:
+            raise NotImplementedError
+        return self.spectrum(weight, stats, name).factors(rank)
+
+    def spectrum(self, weight: torch.Tensor, stats: GroupStats, name: str = "") -> Spectrum:
+        """For methods whose rank-r factors are a truncation of one rank-free decomposition (plain
+        SVD, SVD-LLM, SVD-LLM V2): that decomposition, so that a caller trying several ranks of one
+        matrix (the sensitivity probes) decomposes it once. Others leave this undefined."""
+        raise NotImplementedError(f"method {self.name!r} has no rank-free decomposition")
+
+    @classmethod
+    def has_spectrum(cls) -> bool:
+        return cls.spectrum is not CompressionMethod.spectrum
 
 
 _METHODS: Registry[CompressionMethod] = Registry("method", __package__)

@@ -5,8 +5,8 @@ the sum of the dropped squared singular values of W·S.
 """
 import torch
 
-from .base import CompressionMethod, Factors, register_method
-from .linalg import cholesky_whitening, right_divide_lower, truncated_svd_factors
+from .base import CompressionMethod, Spectrum, register_method
+from .linalg import cholesky_whitening, right_divide_lower, svd
 
 
 @register_method
@@ -14,7 +14,8 @@ class SVDLLM(CompressionMethod):
     name = "svd-llm"
     summary = "SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024)"
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
+    def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:
         whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
-        A, B_white, _ = truncated_svd_factors(weight @ whitening.S, rank)
-        return Factors(A, right_divide_lower(B_white, whitening.S), {"shift": whitening.shift})
+        U, sigma, Vh = svd(weight @ whitening.S)
+        return Spectrum(U, sigma, Vh, lambda B_white: right_divide_lower(B_white, whitening.S),
+                        {"shift": whitening.shift})

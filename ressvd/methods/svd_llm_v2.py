@@ -8,8 +8,8 @@ features) needs no diagonal shift, and the loss ||(W − W′)X||_F is still the
 """
 import torch
 
-from .base import CompressionMethod, Factors, register_method
-from .linalg import eigen_whitening, truncated_svd_factors
+from .base import CompressionMethod, Spectrum, register_method
+from .linalg import eigen_whitening, svd
 
 
 @register_method
@@ -23,8 +23,8 @@ class SVDLLMV2(CompressionMethod):
         if not 0 <= self.eig_floor < 1:
             raise ValueError(f"eig_floor must lie in [0, 1), got {eig_floor}")
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
+    def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:
         whitening = stats.cached(f"eigen:{self.eig_floor}", lambda: eigen_whitening(stats.primary.gram,
                                                                                     self.eig_floor))
-        A, B_white, _ = truncated_svd_factors(weight @ whitening.S, rank)
-        return Factors(A, whitening.right_divide(B_white), {"null_dims": whitening.dropped})
+        U, sigma, Vh = svd(weight @ whitening.S)
+        return Spectrum(U, sigma, Vh, whitening.right_divide, {"null_dims": whitening.dropped})
