@@ -9,11 +9,11 @@ their repeats interleaved in one process (so background load hits them alike):
   linear     static cache + compiled forward, aten's linear with frozen weights (the old default);
   reduction  the same, batch-1 products as fused multiply-and-sum loops (Batch1Linear);
   autotune   the same, inductor's max-autotune GEMM templates;
-and two ablations of `reduction`, which now runs unfrozen with `decode_attention` (ressvd.inference):
-  reduction-sdpa    the same products, SDPA attention kept;
-  reduction-eager   the same products, transformers' eager attention (matmul, softmax, matmul);
-  reduction-frozen  the same products, SDPA attention and frozen weights: `reduction` until
-                    session 9 (freezing folds each bfloat16 weight's float() into a float32 copy).
+and two ablations of `reduction` (which runs unfrozen for bfloat16/float16 weights, frozen for float32):
+  reduction-eager   the same, with transformers' eager attention (matmul, softmax, matmul) instead
+                    of SDPA, for prefill and decode alike;
+  reduction-frozen  the same, frozen for every dtype: `reduction` until session 9 (freezing folds a
+                    bfloat16 weight's float() into a float32 copy).
 
 Decode tokens/s (benchmarks/speed.py's clock: first new token to last) is the median of
 --repeats; "x dense" divides the compressed model's median by the dense model's in the same mode
@@ -44,7 +44,7 @@ import ressvd  # noqa: E402
 from ressvd import CalibrationSpec  # noqa: E402
 from speed import prompt_ids, time_decode  # noqa: E402  (benchmarks/speed.py)
 
-MODES = ("eager", "linear", "reduction", "autotune", "reduction-sdpa", "reduction-eager", "reduction-frozen")
+MODES = ("eager", "linear", "reduction", "autotune", "reduction-eager", "reduction-frozen")
 
 
 def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -60,10 +60,10 @@ def prepare(model, mode: str, dtype: torch.dtype):
     if mode != "eager":
         products, _, ablation = mode.partition("-")
         ressvd.optimize_for_inference(model, products=products)
-        if ablation:  # undo the attention switch; "frozen" also freezes the weights again
-            model.set_attn_implementation("eager" if ablation == "eager" else "sdpa")
-            if ablation == "frozen":
-                model.generation_config.compile_config.options["freezing"] = True
+        if ablation == "eager":
+            model.set_attn_implementation("eager")
+        elif ablation == "frozen":
+            model.generation_config.compile_config.options["freezing"] = True
     return model
 
 

@@ -9,11 +9,12 @@ generation config for that, so it applies to any causal LM, dense or compressed,
 `ressvd.load` or by `from_pretrained(trust_remote_code=True)`, and the benchmarks give the dense
 model exactly the same treatment.
 
-- CPU: inductor, transformers' compile gate opened for CPU (`_compile_all_devices`); with products
-  "linear" or "autotune" also `freezing` (the weights become constants of the graph, so oneDNN can
-  pre-pack them; a later in-place change of a weight is not seen by the compiled graph: call this
-  after any training or healing). The reduction runs unfrozen: freezing's constant folding would
-  store a float32 copy of every bfloat16 weight (see compile_config_for).
+- CPU: inductor with `freezing` (the weights become constants of the graph, so oneDNN can pre-pack
+  them; a later in-place change of a weight is not seen by the compiled graph: call this after any
+  training or healing), transformers' compile gate opened for CPU (`_compile_all_devices`). One
+  exception: the reduction on a model whose weights are not float32 runs unfrozen, because
+  freezing's constant folding turns its `weight.float()` into a float32 copy of every weight (see
+  compile_config_for).
 - CUDA: transformers' default compile mode, "reduce-overhead" (CUDA graphs).
 - `products`: how a compiled decode step computes its batch-1 matrix products (one token through an
   nn.Linear, so also through both factors of every LowRankLinear, and the LM head):
@@ -31,11 +32,7 @@ model exactly the same treatment.
     the reduction is a CPU measure, not measured on a GPU.
   Only exact nn.Linear modules with plain floating-point weights take the reduction (torchao's
   quantised weights keep their own kernels), only inside the compiled graph and only when the
-  product has one row: prefill, eager calls and training are untouched. "reduction" also switches a
-  model on SDPA attention to `decode_attention`: SDPA everywhere except a compiled one-query step,
-  where scores, softmax and weighted sum are fused loops too (the CPU flash kernel costs ~0.1 ms a
-  call, 30 calls a token on SmolLM2). Whole decode, SmolLM2-135M bfloat16 (docs/BENCHMARKS.md):
-  the unfrozen reduction with this attention against the frozen reduction with SDPA.
+  product has one row: prefill, eager calls and training are untouched.
 - `threads`: torch's intra-op thread count, process-wide (torch.set_num_threads), when given.
 - Process-wide too: Dynamo's recompile limit is raised to 64, so that several optimised models in
   one process (a benchmark, an A/B test) can each keep their compiled graphs.
@@ -48,7 +45,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -81,59 +77,6 @@ class Batch1Linear(nn.Linear):
         return super().forward(x)
 
 
-DECODE_ATTENTION = "ressvd_decode"
-
-
-def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, except inside a compiled graph for one query per sequence (a
-    decode step), where the CPU flash-attention kernel costs ~0.1 ms per call on a 2-core CPU however
-    short the cache (docs/BENCHMARKS.md "Decode modes"). There it is the model's own eager attention
-    (its modeling file's `eager_attention_forward`) with SDPA's mask, which inductor compiles into the
-    graph; for a model without one, scores and weighted sum are multiply-and-sum loops in float32
-    with the same mathematics as SDPA: grouped key/value heads as repeat_kv orders them (query head
-    h reads key/value head h // groups), the boolean or additive mask, softmax over the cache."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if not (torch.compiler.is_compiling() and query.shape[2] == 1 and dropout == 0.0
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    # The model's own eager attention (repeat_kv, matmul, softmax, matmul) where its modeling file
-    # has one: measured faster for the dense SmolLM2 than the fused loops below (64.7 against 50.0
-    # tokens/s in bfloat16, the low-rank model alike, 63.3 against 66.3; docs/BENCHMARKS.md)
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is not None:
-        if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager attention adds its mask
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~attention_mask, torch.finfo(query.dtype).min)
-        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else dim ** -0.5
-    q = query.float().reshape(batch, kv_heads, heads // kv_heads, 1, dim)
-    scores = (q * key.float().unsqueeze(2)).sum(-1) * scale  # (batch, kv_heads, groups, length)
-    if attention_mask is not None:
-        mask = attention_mask[..., :length]  # (batch, 1 or heads, 1, length)
-        if mask.shape[1] != 1:
-            mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, length)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    weights = scores.softmax(-1)
-    out = (weights.unsqueeze(-1) * value.float().unsqueeze(2)).sum(-2)  # (batch, kv_heads, groups, dim)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).to(query.dtype).contiguous(), None
-
-
-def use_decode_attention(model: nn.Module) -> bool:
-    """Switch a model on transformers' SDPA attention to `decode_attention` (registered once, with
-    SDPA's mask). Returns whether it was switched: other implementations are left alone."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", DECODE_ATTENTION):
-        return False
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(DECODE_ATTENTION)
-    return True
-
-
 def use_batch1_products(model: nn.Module) -> int:
     """Turn every exact nn.Linear of `model` with a plain floating-point weight into a Batch1Linear
     (in place: the class changes, the parameters stay). Returns how many were changed."""
@@ -152,16 +95,17 @@ def resolve_products(products: str, device: torch.device) -> str:
     return PRODUCTS_AUTO.get(device.type, "linear") if products == "auto" else products
 
 
-def compile_config_for(device: torch.device, products: str = "linear"):
-    """The CompileConfig that generate() uses for the static-cache decode on `device`."""
+def compile_config_for(device: torch.device, products: str = "linear", dtype: torch.dtype = torch.float32):
+    """The CompileConfig that generate() uses for the static-cache decode on `device` for weights of `dtype`."""
     from transformers import CompileConfig
     if device.type == "cpu":
         # mode and options are exclusive in torch.compile; freezing is an inductor option. Freezing
         # lets oneDNN pre-pack the weights of aten's linear, but its constant folding also turns the
-        # reduction's `weight.float()` into a float32 copy of every bfloat16 weight, so a bfloat16
-        # model reads float32 bytes (measured: the 49152 x 576 LM head takes 3.6 ms frozen, 1.8 ms
-        # not): the reduction runs unfrozen.
-        options = {"freezing": products != "reduction", **({"max_autotune": True} if products == "autotune" else {})}
+        # reduction's `weight.float()` into a float32 copy of every bfloat16 weight, so the product
+        # reads float32 bytes (measured alone: the 49152 x 576 bfloat16 LM head takes 3.6 ms frozen,
+        # 1.8 ms unfrozen). Whole decode did not separate the two (docs/BENCHMARKS.md, session 9).
+        freezing = products != "reduction" or dtype == torch.float32
+        options = {"freezing": freezing, **({"max_autotune": True} if products == "autotune" else {})}
         config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=options)
         config._compile_all_devices = True  # transformers compiles generate() on CUDA-like devices only otherwise
     elif products == "autotune":
@@ -199,8 +143,7 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = True, threads: i
     if compile:
         if products == "reduction":
             use_batch1_products(model)
-            use_decode_attention(model)
-        config.compile_config = compile_config_for(model.device, products)
+        config.compile_config = compile_config_for(model.device, products, model.dtype)
         config.disable_compile = False
     else:
         config.compile_config = None

@@ -206,8 +206,7 @@ def test_truncated_weights_fail_loudly_through_from_pretrained(checkpoint):
 
 def test_optimize_for_inference_works_on_a_remote_loaded_model(compressed_models, calib_ids, tmp_path):
     """The one documented call reaches a plain from_pretrained(trust_remote_code=True) model: the
-    CPU default (batch-1 reductions, decode attention, compiled static-cache decode) gives its
-    eager greedy tokens."""
+    CPU default (batch-1 reductions, compiled static-cache decode) gives its eager greedy tokens."""
     ressvd.save(clone(compressed_models["gemma3"]), None, tmp_path / "ck")
     model = remote_load(tmp_path / "ck")
     ids = calib_ids[:1, :12]
@@ -218,5 +217,5 @@ def test_optimize_for_inference_works_on_a_remote_loaded_model(compressed_models
                               do_sample=False, pad_token_id=0, eos_token_id=None)
     eager = greedy(model)
     fast = ressvd.optimize_for_inference(model)
-    assert fast.config._attn_implementation == "ressvd_decode"
+    assert any(type(m).__name__ == "Batch1Linear" for m in fast.modules())
     assert torch.equal(greedy(fast), eager)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ressvd
-from ressvd.inference import Batch1Linear, cpu_compiler, decode_attention, use_batch1_products
+from ressvd.inference import Batch1Linear, compile_config_for, cpu_compiler, use_batch1_products
 
 from .conftest import clone, tiny_llama_config, _build  # compressed_models: a conftest fixture
 from transformers import LlamaForCausalLM
@@ -25,7 +25,7 @@ def greedy(model, ids, new_tokens=6):
                                              ("gemma3", "reduction")])
 def test_optimized_generate_matches_eager(which, products, compressed_models, calib_ids):
     """gemma3: the compressed tiny Gemma-3, whose sliding-window layers (window 8) see a 12-token
-    prompt, so the decode attention's mask really cuts the cache."""
+    prompt, so the static cache's sliding mask really cuts the cache."""
     model = clone(compressed_models["llama" if which == "compressed" else "gemma3"]) if which != "dense" \
         else _build(tiny_llama_config, LlamaForCausalLM)
     ids = calib_ids[:1, :12]
@@ -35,8 +35,7 @@ def test_optimized_generate_matches_eager(which, products, compressed_models, ca
     batch1 = [m for m in fast.modules() if isinstance(m, Batch1Linear)]
     # reduction: every nn.Linear (both factors of each LowRankLinear, the dense ones, the LM head)
     assert len(batch1) == (sum(type(m) is torch.nn.Linear for m in model.modules()) if products == "reduction" else 0)
-    assert fast.config._attn_implementation == ("ressvd_decode" if products == "reduction" else "sdpa")
-    assert fast.generation_config.compile_config.options["freezing"] == (products != "reduction")
+    assert fast.generation_config.compile_config.options["freezing"]  # float32 weights: frozen in every mode
     tokens, scores = greedy(fast, ids)
     # with a C++ compiler (inductor needs one on a CPU) the compiled forward was really used:
     # transformers keeps it on the model after the first call; without one, nothing was compiled
@@ -122,37 +121,12 @@ def test_without_a_cpu_compiler_it_warns_and_keeps_the_static_cache(compressed_m
     assert model.generation_config.cache_implementation == "static" and model.generation_config.disable_compile
 
 
-@pytest.mark.parametrize("groups,mask_kind", [(1, "bool"), (3, "bool"), (3, "additive"), (3, "none")])
-def test_decode_attention_equals_sdpa_for_one_query(groups, mask_kind):
-    """Compiled, one query per sequence: the fused score/softmax/sum path gives SDPA's output (grouped
-    key/value heads in repeat_kv's order, the mask applied) to float32 rounding, and Dynamo traces no
-    SDPA call; outside a compiled graph it is SDPA itself, bit for bit."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    backend = "inductor" if cpu_compiler() is not None else "aot_eager"
-    torch.manual_seed(0)
-    batch, kv_heads, length, dim = 2, 2, 10, 8
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = groups, True
-    query = torch.randn(batch, kv_heads * groups, 1, dim)
-    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
-    allowed = torch.rand(batch, 1, 1, length) < 0.7
-    allowed[..., 0] = True  # every row keeps a position, as a causal mask always does
-    mask = {"bool": allowed, "additive": torch.where(allowed, 0.0, torch.finfo(torch.float32).min),
-            "none": None}[mask_kind]
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    eager, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
-    assert torch.equal(eager, expected)
-    ops = []
-
-    def record(gm, example_inputs):
-        ops.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
-        return gm.forward
-    torch._dynamo.reset()
-    torch.compile(lambda *a: decode_attention(module, *a, scaling=0.3)[0], backend=record, fullgraph=True)(
-        query, key, value, mask)
-    assert not any("scaled_dot_product" in op for op in ops) and any("softmax" in op for op in ops)
-    torch._dynamo.reset()
-    fast = torch.compile(lambda *a: decode_attention(module, *a, scaling=0.3)[0], backend=backend,
-                         fullgraph=True)(query, key, value, mask)
-    # float32 sums of 8 (scores) and 10 (weights) terms of size ~1: ~1e-6; 1e-5 leaves a margin
-    assert fast.shape == expected.shape and (fast - expected).abs().max() <= 1e-5
+def test_the_reduction_runs_unfrozen_for_low_precision_weights():
+    """Freezing would fold a bfloat16 weight's float() into a float32 constant (twice the bytes a
+    product reads): the reduction compiles unfrozen unless the weights are float32; the other
+    modes freeze always."""
+    cpu = torch.device("cpu")
+    for products in ("linear", "reduction", "autotune"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            frozen = compile_config_for(cpu, products, dtype).options["freezing"]
+            assert frozen == (products != "reduction" or dtype == torch.float32), (products, dtype)
