@@ -22,8 +22,8 @@ calibration profile. That holds too for a method that reads the compressed strea
 default): with a dense prefix, that stream is the dense one. A method whose factors truncate one
 rank-free decomposition (svd, svd-llm, svd-llm-v2: CompressionMethod.spectrum) then decomposes each
 matrix once for all candidates. Two-stream methods (svd-llm-update, a refit) instead run the
-engine's own loop on layer l from the cached fit inputs for each probe. The record's search.probe_seconds splits the probes' time into
-"factorise" and "score".
+engine's own loop on layer l from the cached fit inputs for each probe. The record's
+search.probe_seconds splits the probes' time into "factorise" and "score".
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
 Choice. With P_u the unit's dense parameters, Δ_u is interpolated linearly between (0, 0) (the
