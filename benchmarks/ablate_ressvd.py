@@ -36,18 +36,22 @@ ROWS = {
                                              allocation_options={"k": "auto"}),
     "PLC + svd-llm (dense stats)": dict(method="svd-llm", stats="dense", allocation="partial-layer",
                                         allocation_options={"k": "auto"}),
-    "ResSVD (default)": dict(method="ressvd"),
-    "ResSVD error-controlled residual + loss search": dict(method="ressvd",
+    # ResSVD's PLC with the k search (the --method ressvd default until session 10; the default is
+    # now the sensitivity allocation, the row after)
+    "ResSVD PLC (default until session 10)": dict(method="ressvd", allocation="partial-layer"),
+    "ResSVD + sensitivity (default)": dict(method="ressvd"),
+    "ResSVD error-controlled residual + loss search": dict(method="ressvd", allocation="partial-layer",
                                                            method_options={"residual": "error-controlled"}),
     "ResSVD error-controlled residual + hidden-state search": dict(
-        method="ressvd", method_options={"residual": "error-controlled"},
+        method="ressvd", method_options={"residual": "error-controlled"}, allocation="partial-layer",
         allocation_options={"k": "auto", "criterion": "hidden"}),
-    "ResSVD plain residual": dict(method="ressvd", method_options={"residual": "plain"}),
+    "ResSVD plain residual": dict(method="ressvd", allocation="partial-layer", method_options={"residual": "plain"}),
     # refit (ressvd.calibration.refit): the left factor re-solved on the compressed prefix's inputs
     "svd-llm + refit": dict(method="svd-llm", refit="compressed"),
     "svd-llm + refit anchored": dict(method="svd-llm", refit="anchored"),
-    "ResSVD + refit anchored": dict(method="ressvd", refit="anchored"),
-    "ResSVD + refit anchored ridge 0.01": dict(method="ressvd", refit="anchored", refit_ridge=0.01),
+    "ResSVD + refit anchored": dict(method="ressvd", allocation="partial-layer", refit="anchored"),
+    "ResSVD + refit anchored ridge 0.01": dict(method="ressvd", allocation="partial-layer", refit="anchored",
+                                               refit_ridge=0.01),
 }
 
 

@@ -33,7 +33,14 @@ _spec.loader.exec_module(compare)
 
 STARTS = {  # name -> compress settings
     "svd-llm": dict(method="svd-llm"),
+    # the --method ressvd default: partial-layer with the k search until session 9, since session 10
+    # the sensitivity allocation (probed with SVD-LLM, scored in bfloat16)
     "ressvd": dict(method="ressvd"),
+    # ResSVD's PLC, k searched on the grid (the default before session 10) or predicted from a
+    # sensitivity profile with k̂ and its two neighbours evaluated
+    "ressvd-plc": dict(method="ressvd", allocation="partial-layer"),
+    "ressvd-plc-predicted": dict(method="ressvd", allocation="partial-layer",
+                                 allocation_options={"search": "predicted"}),
     # ResSVD with the k its search chose on SmolLM2 at 0.2 and 0.4 (docs/BENCHMARKS.md): no search cost
     "ressvd-k29": dict(method="ressvd", allocation_options={"k": 29}),
     # per-layer ratios from measured sensitivity (issue 16): 121 WikiText-2 unhealed at 0.2 on SmolLM2
@@ -67,6 +74,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--start", default="ressvd-k29", choices=sorted(STARTS))
+    parser.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="added to the start's allocation options (the row's start name records it)")
+    parser.add_argument("--refit", choices=("compressed", "anchored"), help="add a refit to the start")
     parser.add_argument("--rows", default="none,local,distill,local+distill")
     parser.add_argument("--distill-tokens", type=int, default=50_000)
     parser.add_argument("--lrs", default=None,
@@ -91,6 +101,15 @@ def main() -> None:
         heal_options.setdefault(name, {}).update(parse_options([rest]))
     distill_options = {"tokens": args.distill_tokens, **heal_options.get("distill", {})}
 
+    start_name = args.start
+    base_settings = dict(STARTS[args.start])
+    if args.allocation_option:
+        base_settings["allocation_options"] = {**base_settings.get("allocation_options", {}),
+                                               **parse_options(args.allocation_option)}
+        start_name += "+" + ",".join(args.allocation_option)
+    if args.refit:
+        base_settings["refit"] = args.refit
+        start_name += f"+refit={args.refit}"
     compare._memoise_token_windows()
     dense, tokenizer = ressvd.load(args.model)
     calibration = CalibrationSpec("c4", args.nsamples, 512, 0)
@@ -99,15 +118,15 @@ def main() -> None:
     results = json.loads(out.read_text()) if out and out.exists() else []
 
     def record(row, model, compress_s, heal_s, peak, extra=None):
-        results.append({"model": args.model, "ratio": args.ratio, "start": args.start, "row": row,
+        results.append({"model": args.model, "ratio": args.ratio, "start": start_name, "row": row,
                         "datasets": args.datasets.split(","), "ppl": compare.perplexities(model, tokenizer, args),
                         "compress_s": compress_s, "heal_s": heal_s, "peak_rss": peak, **(extra or {})})
         r = results[-1]
-        print(f"{args.model} {args.ratio} {args.start} {row:<20s} "
+        print(f"{args.model} {args.ratio} {start_name} {row:<20s} "
               + " ".join(f"{n} {v:9.2f}" for n, v in r["ppl"].items()) + f"  {compress_s:.0f}+{heal_s:.0f} s",
               flush=True)
         if args.save_dir:
-            ressvd.save(model, tokenizer, Path(args.save_dir) / f"{args.model}-{args.start}-{args.ratio}-{row}")
+            ressvd.save(model, tokenizer, Path(args.save_dir) / f"{args.model}-{start_name}-{args.ratio}-{row}")
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
@@ -117,7 +136,7 @@ def main() -> None:
         if not wanted:
             continue
         model = copy.deepcopy(dense)
-        settings = {**STARTS[args.start], **({"heal": "local", "heal_options": {"local": heal_options["local"]}}
+        settings = {**base_settings, **({"heal": "local", "heal_options": {"local": heal_options["local"]}}
                                               if local and "local" in heal_options else
                                               {"heal": "local"} if local else {})}
         with compare.PeakRSS() as peak:
@@ -129,6 +148,7 @@ def main() -> None:
         if base in wanted:
             record(base, model, compress_s, report.seconds.get("heal", 0.0), peak.peak,
                    {"healing": report.healing.get("layers"), "search": report.search,
+                    "allocation": report.allocation, "allocation_options": report.allocation_options,
                     "chosen_ratios": (report.allocation_details or {}).get("ratios")})
         if f"{base}+distill" in wanted or (not local and "distill" in wanted):
             lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]

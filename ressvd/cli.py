@@ -15,6 +15,11 @@ from . import __version__
 DEFAULT_DATASETS = "wikitext2"
 
 
+# --calib-profile: (sequences, tokens each). "paper" is the published protocol (methods.md);
+# "cpu" keeps a 2-core CPU run to minutes.
+CALIB_PROFILES = {"cpu": (32, 512), "paper": (256, 2048)}
+
+
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="alias (smollm2-135m, gemma3-270m), .gguf file, HF directory or hub id")
     p.add_argument("--method", default="svd-llm", help="truncation method (see `ressvd methods`)")
@@ -34,8 +39,12 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="calibration source: c4 (its calibration part), ptb-train, wikitext2-train (hub) or a .txt/.jsonl")
     p.add_argument("--allow-test-calibration", action="store_true",
                    help="allow a test or validation split as calibration text (refused otherwise; the report records it)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (paper setting: 256)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (paper setting: 2048)")
+    p.add_argument("--calib-profile", choices=sorted(CALIB_PROFILES), default="cpu",
+                   help="calibration size: cpu (32x512, the default, sized for a 2-core CPU) or paper (256x2048, "
+                        "the SVD-LLM / ResSVD papers' setting); --nsamples and --seqlen override it")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default: the --calib-profile's)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="calibration sequence length (default: the --calib-profile's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", choices=["dense", "compressed"], default=None,
                    help="statistics from the dense model or from the compressed prefix (default: the method's)")
@@ -360,8 +369,17 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "run": cmd_run, "heal": 
             "report": cmd_report}
 
 
+def apply_calib_profile(args):
+    """--nsamples / --seqlen from --calib-profile where they were not given (compress-like commands)."""
+    if hasattr(args, "calib_profile"):
+        nsamples, seqlen = CALIB_PROFILES[args.calib_profile]
+        args.nsamples = nsamples if args.nsamples is None else args.nsamples
+        args.seqlen = seqlen if args.seqlen is None else args.seqlen
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_calib_profile(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from .checkpoint import CorruptCheckpointError
     from .data import DatasetNotFoundError

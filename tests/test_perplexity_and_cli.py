@@ -91,3 +91,15 @@ def test_cli_lists_methods(capsys):
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out
     assert "svd-llm" in printed and "uniform" in printed
+
+
+@pytest.mark.parametrize("extra,expected", [([], (32, 512)), (["--calib-profile", "paper"], (256, 2048)),
+                                            (["--calib-profile", "paper", "--nsamples", "64"], (64, 2048)),
+                                            (["--seqlen", "256"], (32, 256))])
+def test_calib_profile_sets_the_calibration_size_unless_given(extra, expected):
+    """--calib-profile cpu (default) is 32x512, paper the papers' 256x2048; an explicit --nsamples or
+    --seqlen wins over the profile."""
+    from ressvd.cli import apply_calib_profile, build_parser, build_plan
+    args = apply_calib_profile(build_parser().parse_args(["compress", "m", "--out", "o", *extra]))
+    calibration = build_plan(args).calibration
+    assert (calibration.nsamples, calibration.seqlen) == expected

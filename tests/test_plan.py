@@ -69,12 +69,15 @@ def test_no_import_cycle_among_the_package_modules():
 
 def test_the_plan_resolves_the_methods_defaults_once():
     plan = RunPlan.build(method="ressvd", ratio=0.3)
-    assert plan.allocator.name == "partial-layer" and plan.stats == "compressed"
+    assert plan.allocator.name == "sensitivity" and plan.stats == "compressed"
     record = plan.record()
-    assert record["method"] == "ressvd" and record["allocation"] == "partial-layer" and record["stats"] == "compressed"
+    assert record["method"] == "ressvd" and record["allocation"] == "sensitivity" and record["stats"] == "compressed"
     assert record["calibration"] == {"source": "c4-calib", "nsamples": 32, "seqlen": 512, "seed": 0}
-    assert plan.profile_eligibility(True).ok is False and "search" in plan.profile_eligibility(True).reason
-    assert "search" in plan.streaming_eligibility("dir", True).reason
+    assert plan.profile_eligibility(True).ok is False and "subset" in plan.profile_eligibility(True).reason
+    assert "held-out" in plan.streaming_eligibility("dir", True).reason
+    plc = RunPlan.build(method="ressvd", ratio=0.3, allocation="partial-layer")
+    assert plc.profile_eligibility(True).ok is False and "search" in plc.profile_eligibility(True).reason
+    assert "search" in plc.streaming_eligibility("dir", True).reason
     svd_llm = RunPlan.build(method="svd-llm")
     assert svd_llm.profile_eligibility(True).ok and svd_llm.streaming_eligibility("dir", True).ok
     assert not svd_llm.streaming_eligibility("gguf", True).ok
@@ -101,7 +104,7 @@ def test_stages_run_in_the_documented_order():
 
 
 def test_the_search_returns_k_and_leaves_the_allocator_unchanged(tiny_llama, calib_ids):
-    plan = RunPlan.build(method="ressvd", ratio=0.3, progress=False)
+    plan = RunPlan.build(method="ressvd", ratio=0.3, allocation="partial-layer", progress=False)
     report = ressvd.compress(tiny_llama, calibration=calib_ids, plan=plan)
     assert plan.allocator.k == "auto"  # the chosen k is in the result, not written onto the allocator
     assert report.allocation_options["k"] == report.search["k"]

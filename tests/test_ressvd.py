@@ -103,7 +103,7 @@ def test_auto_k_search_scores_each_candidate_by_its_held_out_loss(tiny_llama, ca
     # cross-entropy is the only rounding left (measured: 6e-8 relative at most).
     model = float64_model(tiny_llama)
     dense = clone(model)
-    report = ressvd.compress(model, calibration=calib_ids, ratio=0.2, method="ressvd", allocation_options=SEARCH,
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.2, method="ressvd", allocation="partial-layer", allocation_options=SEARCH,
                              progress=False)
     assert report.allocation == "partial-layer" and report.stats == "compressed"
     curve = report.search["curve"]
@@ -113,7 +113,7 @@ def test_auto_k_search_scores_each_candidate_by_its_held_out_loss(tiny_llama, ca
     losses = {}
     for p in curve:
         candidate = clone(dense)
-        ressvd.compress(candidate, calibration=calib_ids[FIT], ratio=0.2, method="ressvd",
+        ressvd.compress(candidate, calibration=calib_ids[FIT], ratio=0.2, method="ressvd", allocation="partial-layer",
                         allocation_options={"k": p["k"]}, progress=False)
         losses[p["k"]] = held_out_loss(candidate, calib_ids[HELD])
         # the search's cross-entropy is summed in float32 (about 1e-7 relative)
@@ -138,9 +138,9 @@ def test_search_leaves_the_final_model_equal_to_a_fixed_k_run(tiny_gemma3, calib
     # moves 1e-6 in float32 and 6e-13 in float64. The identity is A@B.
     base = float64_model(tiny_gemma3)
     auto = clone(base)
-    report = ressvd.compress(auto, calibration=calib_ids, ratio=0.3, method="ressvd", progress=False)
+    report = ressvd.compress(auto, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer", progress=False)
     fixed = clone(base)
-    fixed_report = ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="ressvd",
+    fixed_report = ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer",
                                    allocation_options={"k": report.search["k"]}, progress=False)
     assert fixed_report.ranks == report.ranks
     lowrank = [n for n, m in auto.named_modules() if isinstance(m, LowRankLinear)]
@@ -157,7 +157,7 @@ def test_the_k_search_runs_in_the_models_dtype(tiny_llama, calib_ids):
     """Checkpoints load in their own dtype (dtype="auto": bfloat16 for most hub models); the
     search scores candidates through the model's LM head, in that dtype."""
     model = tiny_llama.to(torch.bfloat16)
-    report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", progress=False)
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer", progress=False)
     curve = report.search["curve"]
     assert [p["k"] for p in curve] == [2, 3, 4]  # ceil(4 * 0.3 / 0.95) = 2 .. 4
     assert all(math.isfinite(p["error"]) for p in curve)
@@ -232,3 +232,49 @@ def test_search_criteria_are_a_switch(tiny_llama, calib_ids):
     assert hidden.search["k"] == min(errors, key=errors.get)
     with pytest.raises(ValueError, match="criterion"):
         get_allocator("partial-layer", criterion="ppl")
+
+
+def test_predicted_losses_of_a_linear_profile_are_plc_arithmetic():
+    """With Δ_l(ρ) = s_l·ρ (linear between the measured ratios), the predicted loss of k is
+    (N·R/k)·Σ of s_l over the last k layers; a layer ratio above the largest measured one is inf."""
+    from ressvd.allocation.partial_layer import predicted_losses
+    slopes = [5.0, 1.0, 0.5, 2.0]
+    profile = {str(l): {repr(c): s * c for c in (0.2, 0.4, 0.6, 0.8)} for l, s in enumerate(slopes)}
+    predicted = predicted_losses(profile, 4, 0.3, [1, 2, 3, 4])
+    assert predicted[1] == math.inf  # 4 * 0.3 / 1 = 1.2 > 0.8
+    for k in (2, 3, 4):
+        assert predicted[k] == pytest.approx(4 * 0.3 / k * sum(slopes[4 - k:])), k
+    assert min(predicted, key=predicted.get) == 3  # 0.4 * 3.5 = 1.4 against 0.6 * 2.5 = 1.5 and 0.3 * 8.5
+
+
+def test_the_predicted_k_search_agrees_with_the_grid_search(calib_ids):
+    """search="predicted" (one sensitivity profile, no suffix compression at refine=0) chooses the k
+    the grid search chooses after evaluating every feasible k, on an 8-layer tiny model at 0.3
+    (feasible k = 3..8, all six evaluated by the grid). With refine=1 it evaluates k̂ and its two
+    neighbours exactly, and those evaluations are the grid's own numbers."""
+    from .conftest import _build, tiny_llama_config
+    from transformers import LlamaForCausalLM
+    dense = float64_model(_build(tiny_llama_config, LlamaForCausalLM, num_hidden_layers=8))
+    reports = {}
+    for name, options in {"grid": {}, "predicted": {"search": "predicted", "refine": 0},
+                          "refined": {"search": "predicted", "refine": 1}}.items():
+        reports[name] = ressvd.compress(clone(dense), calibration=calib_ids, ratio=0.3, method="ressvd",
+                                        allocation="partial-layer", allocation_options=options, progress=False)
+    grid = {p["k"]: p["error"] for p in reports["grid"].search["curve"]}
+    assert sorted(grid) == [3, 4, 5, 6, 7, 8]
+    predicted = reports["predicted"].search
+    assert predicted["curve"] == [] and predicted["search"] == "predicted"
+    details = reports["predicted"].allocation_details  # the profile and PLC's ratios, for the report's heatmap
+    assert sorted(details["sensitivity"], key=int) == [str(l) for l in range(8)]
+    assert [details["ratios"][str(l)] for l in range(8)] == \
+        [0.0] * (8 - predicted["k"]) + [pytest.approx(8 * 0.3 / predicted["k"])] * predicted["k"]
+    assert predicted["k"] == predicted["predicted_k"] == reports["grid"].search["k"], (predicted["predicted"], grid)
+    refined = reports["refined"].search
+    assert refined["k"] == reports["grid"].search["k"]
+    assert [p["k"] for p in refined["curve"]] == [k for k in grid if abs(k - refined["predicted_k"]) <= 1]
+    for p in refined["curve"]:
+        assert p["error"] == pytest.approx(grid[p["k"]], rel=1e-9)
+    with pytest.raises(ValueError, match="search"):
+        get_allocator("partial-layer", search="golden")
+    with pytest.raises(ValueError, match="groups"):
+        get_allocator("partial-layer", search="predicted", sensitivity_options={"groups": True})

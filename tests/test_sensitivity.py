@@ -317,16 +317,74 @@ def test_svd_llm_probes_measure_what_ressvd_probes_measure(tiny_llama, calib_ids
     (float64 model: ~1e-11 for identical paths; 1e-7 leaves the rounding of two different SVD
     sequences room) and the final compression is still ResSVD's."""
     runs = {}
-    for probe_method in (None, "svd-llm"):
+    for probe_method in ("run", "svd-llm", "auto"):
         model = float64_model(clone(tiny_llama))
         report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="sensitivity",
-                                 allocation_options={"probe_method": probe_method} if probe_method else {},
-                                 progress=False)
-        assert report.search["probe_method"] == (probe_method or "ressvd")
+                                 allocation_options={"probe_method": probe_method}, progress=False)
+        assert report.search["probe_method"] == ("ressvd" if probe_method == "run" else "svd-llm")
         assert report.method == "ressvd"
         runs[probe_method] = report.allocation_details["sensitivity"]
-    for unit, row in runs[None].items():
+    assert runs["auto"] == runs["svd-llm"]  # "auto" is SVD-LLM for ressvd's default residual
+    for unit, row in runs["run"].items():
         for c, delta in row.items():
             assert runs["svd-llm"][unit][c] == pytest.approx(delta, abs=1e-7), (unit, c)
     with pytest.raises(ValueError, match="svd-llm"):
         get_allocator("sensitivity", probe_method="svd-lm")
+
+
+def test_auto_probes_keep_the_run_method_where_it_has_no_cheaper_equivalent():
+    """dense_prefix_equivalent: ressvd with residual "same" and svd-llm-update (Cholesky) are SVD-LLM
+    on a dense prefix; ressvd's other residuals and the eigen-whitened update are probed as they are."""
+    from ressvd.methods import get_method
+    assert get_method("ressvd").dense_prefix_equivalent().name == "svd-llm"
+    assert get_method("svd-llm-update").dense_prefix_equivalent().name == "svd-llm"
+    for method in (get_method("ressvd", residual="plain"), get_method("svd-llm-update", whitening="eigen"),
+                   get_method("svd"), get_method("asvd")):
+        assert method.dense_prefix_equivalent() is method
+
+
+@pytest.mark.parametrize("target", ["compressed", "anchored"])
+def test_probes_skip_a_refit_that_is_the_identity_on_a_dense_prefix(tiny_llama, calib_ids, target, monkeypatch):
+    """A probe's prefix is dense, so a refit of SVD-LLM's factors solves least squares on the inputs
+    they were fitted to, whose solution is the left factor they have: the probes skip it
+    (refit_is_identity). Checked against probes that run the refit through the engine's loop (the
+    flag switched off on the instance): the same Δs to 1e-7 on a float64 model (rounding of two
+    solves; a refit that moved the factors would move a Δ by ~1e-3 here)."""
+    from ressvd.calibration import engine
+    from ressvd.calibration.engine import EngineOptions
+    from ressvd.methods.svd_llm import SVDLLM
+    model = float64_model(clone(tiny_llama))
+    adapter, matrices = adapter_for(model.config), specs(model)
+    refits, spectra = [], []
+    refit, spectrum = engine.refit_left_factor, SVDLLM.spectrum
+    monkeypatch.setattr(engine, "refit_left_factor", lambda *a, **k: refits.append(1) or refit(*a, **k))
+    monkeypatch.setattr(SVDLLM, "spectrum", lambda *a, **k: spectra.append(1) or spectrum(*a, **k))
+    deltas = {}
+    for identity in (True, False):
+        method = SVDLLM()
+        method.refit_is_identity = identity
+        refits.clear(), spectra.clear()
+        base, deltas[identity] = sens.measure_sensitivity(model, adapter, calib_ids, method,
+                                                          EngineOptions(refit=target, progress=False), matrices,
+                                                          [0.4, 0.8], progress=False)
+        assert bool(refits) == (not identity)  # the slow path really refits
+        if identity:  # and the fast one shares each matrix's decomposition between the two candidates
+            assert len(spectra) == len(matrices)
+    for unit, row in deltas[False].items():
+        for c, delta in row.items():
+            assert deltas[True][unit][c] == pytest.approx(delta, abs=1e-7), (unit, c)
+
+
+def test_at_most_held_out_samples_sequences_are_held_out():
+    """25 % of the calibration set, at most held_out_samples (4) of its last sequences: the probes'
+    scoring then costs the same at 32 or 256 calibration sequences as at 16."""
+    ids = torch.arange(256 * 3).reshape(256, 3)
+    # (sequences, held out, fit): one sequence is both
+    for n, held, fitted in ((1, 1, 1), (4, 1, 3), (12, 3, 8), (16, 4, 8), (32, 4, 8), (256, 4, 8)):
+        fit, out = sens.split_calibration(ids[:n], 0.25, 8, 4)
+        assert (out.shape[0], fit.shape[0]) == (held, fitted), n
+        assert torch.equal(out, ids[n - held:n]) and torch.equal(fit, ids[:fitted])
+    fit, out = sens.split_calibration(ids[:32], 0.25, 8, None)
+    assert out.shape[0] == 8 and torch.equal(out, ids[24:32])
+    with pytest.raises(ValueError, match="held_out_samples"):
+        get_allocator("sensitivity", held_out_samples=0)

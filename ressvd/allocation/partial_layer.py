@@ -5,6 +5,16 @@ compressed at R_l = N·R/k each (equal layer sizes keep the overall ratio). k is
 ceil(N·R/max_layer_ratio) to N; k = N is uniform compression. `k="auto"` is resolved by a search
 on calibration data (ressvd.search.partial_layers) before allocation. Inside the last k layers any
 other allocator can distribute the ratio (`inner`, default uniform, with `inner_options`).
+
+Two searches (`search`):
+- "grid" (default): every candidate k compresses a whole suffix and is scored on held-out
+  sequences (ressvd.search.partial_layers): a coarse grid, then midpoints around the best.
+- "predicted": one per-layer sensitivity profile (the probes of `--allocation sensitivity`, with
+  `sensitivity_options`) predicts each k's held-out loss as base + Σ over the last k layers of
+  Δ_l(N·R/k), and k̂ is its minimiser; then the `refine` nearest feasible ks on each side of k̂ and
+  k̂ itself are evaluated as the grid search evaluates them, and the best of those is kept
+  (refine=0: k̂ unevaluated). It pays one profile (one decomposition per matrix with SVD-LLM's
+  spectrum) instead of up to `max_evaluations` suffix compressions.
 """
 from __future__ import annotations
 
@@ -13,6 +23,23 @@ import math
 from .base import (AllocationContext, AllocationResult, Allocator, Ranks, allocation_inputs, finalize, get_allocator,
                    register_allocator)
 from .ranks import MatrixSpec
+from .sensitivity import interpolate
+
+SEARCHES = ("grid", "predicted")
+
+
+def predicted_losses(sensitivity: dict[str, dict[str, float]], num_layers: int, ratio: float,
+                     ks: list[int]) -> dict[int, float]:
+    """Σ Δ_l(N·R/k) over the last k layers for each k, from a per-layer sensitivity profile
+    (ressvd.allocation.sensitivity: Δ interpolated between its measured ratios); inf where N·R/k
+    lies above the largest measured ratio or a Δ there is not finite."""
+    top = min(max(float(c) for c in row) for row in sensitivity.values())
+    predicted = {}
+    for k in ks:
+        layer_ratio = num_layers * ratio / k
+        predicted[k] = math.inf if layer_ratio > top + 1e-12 else \
+            sum(interpolate(sensitivity[str(l)], layer_ratio) for l in range(num_layers - k, num_layers))
+    return predicted
 
 
 @register_allocator
@@ -22,7 +49,8 @@ class PartialLayerAllocation(Allocator):
 
     def __init__(self, k: int | str = "auto", max_layer_ratio: float = 0.95, inner: str = "uniform",
                  search_points: int = 6, max_evaluations: int = 10, holdout: float = 0.25,
-                 search_samples: int = 8, criterion: str = "loss", inner_options: dict | None = None):
+                 search_samples: int = 8, criterion: str = "loss", inner_options: dict | None = None,
+                 search: str = "grid", refine: int = 1, sensitivity_options: dict | None = None):
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
         if not 0 < max_layer_ratio < 1:
@@ -36,6 +64,17 @@ class PartialLayerAllocation(Allocator):
             raise ValueError(f"criterion must be 'loss' (held-out next-token NLL) or 'hidden' (final hidden-state "
                              f"error), got {criterion!r}")
         self.criterion = criterion
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
+        self.search, self.refine = search, refine
+        self.sensitivity_options = dict(sensitivity_options or {})
+        if search == "predicted":
+            if self.sensitivity_options.get("groups"):
+                raise ValueError("the predicted k search reads a per-layer profile: sensitivity option groups "
+                                 "must stay false")
+            get_allocator("sensitivity", **self.sensitivity_options)  # bad options fail here, not mid-run
         self.inner_options = dict(inner_options or {})
         self.inner = get_allocator(inner, **self.inner_options)
         self.needs_statistics = self.inner.needs_statistics
@@ -64,15 +103,36 @@ class PartialLayerAllocation(Allocator):
         if not self.needs_search:
             return super().resolve(context)
         from ..search import search_partial_layers
-        best, curve, inputs = search_partial_layers(context.model, context.adapter, context.calib_ids, context.method,
-                                                    self, context.ratio, context.options, context.matrices,
-                                                    progress=context.progress, statistics=context.statistics,
-                                                    weights=context.weights)
+        record, candidates, inputs, curve = {"search": self.search}, None, None, []
+        if self.search == "predicted":
+            feasible = self.feasible_ks(context.num_layers, context.ratio)
+            profile = get_allocator("sensitivity", **self.sensitivity_options)
+            base, sensitivity, probes = profile.measure(context, context.ratio)
+            deltas = predicted_losses(sensitivity, context.num_layers, context.ratio, feasible)
+            predicted = min(deltas, key=lambda k: (deltas[k], -k))  # ties: the more layers, the milder each
+            position = feasible.index(predicted)
+            candidates = feasible[max(0, position - self.refine): position + self.refine + 1]
+            record.update(predicted_k=predicted, probes=probes,
+                          predicted={str(k): base + d for k, d in deltas.items()})
+        if candidates is None or self.refine > 0:
+            best, curve, inputs = search_partial_layers(context.model, context.adapter, context.calib_ids,
+                                                        context.method, self, context.ratio, context.options,
+                                                        context.matrices, progress=context.progress,
+                                                        statistics=context.statistics, weights=context.weights,
+                                                        candidates=candidates)
+        else:
+            best = candidates[0]
         ranks = self.ranks_for_k(context.matrices, context.ratio, context.num_layers, best, context.statistics,
                                  context.weights)
-        return AllocationResult(ranks, resolved_options={"k": best},
-                                search={"k": best, "criterion": self.criterion, "curve": [p.to_dict() for p in curve]},
-                                details=dict(self.diagnostics) or None, start_inputs=inputs)
+        record.update(k=best, criterion=self.criterion, curve=[p.to_dict() for p in curve])
+        details = dict(self.diagnostics)
+        if self.search == "predicted":  # the profile, with PLC's layer ratios, for `ressvd report`'s heatmap
+            layer_ratio = self.layer_ratio(context.num_layers, context.ratio, best)
+            details.update(sensitivity=sensitivity, base_loss=base, units="layers",
+                           ratios={u: layer_ratio if int(u) >= context.num_layers - best else 0.0
+                                   for u in sensitivity})
+        return AllocationResult(ranks, resolved_options={"k": best}, search=record, details=details or None,
+                                start_inputs=inputs)
 
     def feasible_ks(self, num_layers: int, ratio: float) -> list[int]:
         k_min = max(1, math.ceil(num_layers * ratio / self.max_layer_ratio - 1e-9))

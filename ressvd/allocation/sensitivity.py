@@ -21,9 +21,12 @@ engine's loop) and every probe of that layer is factorised from them through an 
 calibration profile. That holds too for a method that reads the compressed stream alone (ressvd's
 default): with a dense prefix, that stream is the dense one. A method whose factors truncate one
 rank-free decomposition (svd, svd-llm, svd-llm-v2: CompressionMethod.spectrum) then decomposes each
-matrix once for all candidates. Two-stream methods (svd-llm-update, a refit) instead run the
-engine's own loop on layer l from the cached fit inputs for each probe. The record's
-search.probe_seconds splits the probes' time into "factorise" and "score".
+matrix once for all candidates. By default (probe_method "auto") the probes run the method's
+dense-prefix equivalent, SVD-LLM for ressvd's default residual and for svd-llm-update, and skip a
+refit that is the identity there. Other two-stream methods (ressvd's error-controlled residual, a
+refit of a method fitted to other statistics) instead run the engine's own loop on layer l from the
+cached fit inputs for each probe. The record's search.probe_seconds splits the probes' time into
+"factorise" and "score".
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
 Choice. With P_u the unit's dense parameters, Δ_u is interpolated linearly between (0, 0) (the
@@ -57,15 +60,20 @@ data-driven generalisation otherwise (any k layers, not only the last ones).
 
 Options: ratios (candidates, default 0.2, 0.4, 0.6, 0.8, a list or "0.2,0.4"; those at which some
 matrix would keep rank 0 are dropped; the run's ratio may not exceed the largest), holdout (0.25),
-fit_samples (8), groups (False), step (the DP's ratio grid, 0.01), probe_dtype ("float32", or
+held_out_samples (4: at most this many sequences are held out, so that the probes' cost does not
+grow with the calibration set; 16x512 holds out 4 either way), fit_samples (8), groups (False), step (the DP's ratio grid, 0.01), probe_dtype ("float32", or
 "bfloat16": the suffix passes and the LM head of the scoring, the dense baseline's included, run
 under bfloat16 autocast, which this CPU's AMX and any recent GPU run several times faster; the
 factorisations, their statistics and the dense stream carried from layer to layer stay in the run's
-precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes), probe_method
-(None: the run's method; or a method name, default options, for the probes only: with ressvd's
-default residual, "same", a probe's layer has a dense prefix and ressvd is SVD-LLM at the same rank
-(methods.md §2.7), so probe_method="svd-llm" measures the same Δ with one decomposition per matrix
-instead of two SVDs per probe).
+precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes: the same
+allocation quality, the validation sets within 0.8 %, at 1.4x less time; "auto", the default:
+bfloat16, and float32 for a float64 model, which asks for exact numbers), probe_method
+("auto", default: the run's method's dense-prefix equivalent, CompressionMethod.dense_prefix_equivalent:
+on a probe's dense prefix ressvd's default residual "same" is SVD-LLM at the same rank (methods.md
+§2.7), and so is svd-llm-update, so they are probed with SVD-LLM, one decomposition per matrix
+instead of two SVDs per probe; "run": the run's method as it is; or a method name, default options,
+for the probes only). A refit (--refit) is skipped in the probes when the probe method's left factor
+is already its least-squares solution on the probe's inputs (CompressionMethod.refit_is_identity).
 """
 from __future__ import annotations
 
@@ -85,7 +93,10 @@ from .ranks import MatrixSpec, factorization_saves, rank_for_ratio, validate_rat
 log = logging.getLogger("ressvd")
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)
-PROBE_DTYPES = ("float32", "bfloat16")
+PROBE_DTYPES = ("auto", "float32", "bfloat16")
+# probe_method values besides a method name: "auto", the run's method's dense-prefix equivalent
+# (CompressionMethod.dense_prefix_equivalent: SVD-LLM for ressvd's default); "run", the run's method
+PROBE_METHOD_CHOICES = ("auto", "run")
 
 
 def ratio_key(ratio: float) -> str:
@@ -100,11 +111,13 @@ def unit_of(spec: MatrixSpec, groups: bool) -> str:
     return f"{spec.layer}.{spec.linear.split('.', 1)[0]}"
 
 
-def split_calibration(calib_ids: torch.Tensor, holdout: float, fit_samples: int):
-    """(fit ids, held-out ids): the last round(holdout·n) (>= 1) sequences are held out, the fit set
-    is the first `fit_samples` of the rest (one sequence: it is both)."""
+def split_calibration(calib_ids: torch.Tensor, holdout: float, fit_samples: int,
+                      held_out_samples: int | None = None):
+    """(fit ids, held-out ids): the last round(holdout·n) (>= 1, at most `held_out_samples`)
+    sequences are held out, the fit set is the first `fit_samples` of the rest (one sequence: it is
+    both)."""
     n = calib_ids.shape[0]
-    held = max(1, round(holdout * n)) if n > 1 else 0
+    held = max(1, min(round(holdout * n), held_out_samples or n)) if n > 1 else 0
     fit_ids, held_ids = (calib_ids[: n - held], calib_ids[n - held:]) if held else (calib_ids, calib_ids)
     return fit_ids[:fit_samples], held_ids
 
@@ -183,7 +196,7 @@ def _dense_stats(layer, adapter, inputs, options):
 def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options, matrices: list[MatrixSpec],
                         candidates: list[float], groups: bool = False, holdout: float = 0.25,
                         fit_samples: int = 8, progress: bool = True,
-                        probe_dtype: str = "float32",
+                        probe_dtype: str = "float32", held_out_samples: int | None = None,
                         timings: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
     module docstring). The model is left as it was. `timings`, when given, receives the seconds the
@@ -195,7 +208,7 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
 
     layers = adapter.layers(model)
     num_layers = len(layers)
-    fit_ids, held_ids = split_calibration(calib_ids, holdout, fit_samples)
+    fit_ids, held_ids = split_calibration(calib_ids, holdout, fit_samples, held_out_samples)
     if options is None:
         from ..calibration.engine import EngineOptions
         options = EngineOptions()
@@ -221,6 +234,11 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
     # computed once per layer, every probe of the layer is factorised from them; and a method whose
     # factors are a truncation of one decomposition (svd-llm, svd-llm-v2, svd) decomposes each matrix
     # once per layer, not once per candidate.
+    if quiet.refit is not None and not quiet.refit_ridge and method.refit_is_identity:
+        # On a probe's dense prefix the refit's inputs are those the factors were fitted to, and for
+        # a whitened truncation its least-squares solution is the left factor it already has
+        # (CompressionMethod.refit_is_identity; tested against probes that run the refit).
+        quiet.refit = None
     if streams_needed(method, quiet) == ["compressed"]:
         # A probe's prefix is dense, so the compressed stream entering the probed layer is the dense
         # one: a single-stream method that reads the compressed stream (ressvd's default) is probed
@@ -403,10 +421,11 @@ class SensitivityAllocation(Allocator):
                "(knapsack DP over the ratios, exact budget)")
 
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
-                 groups: bool = False, step: float = 0.01, probe_dtype: str = "float32",
-                 probe_method: str | None = None):
+                 held_out_samples: int = 4,
+                 groups: bool = False, step: float = 0.01, probe_dtype: str = "auto",
+                 probe_method: str = "auto"):
         self.ratios = _parse_ratios(ratios)
-        if probe_method is not None:
+        if probe_method not in PROBE_METHOD_CHOICES:
             from ..methods import get_method
             get_method(probe_method)  # an unknown name fails here, naming the available ones
         self.probe_method = probe_method
@@ -422,7 +441,10 @@ class SensitivityAllocation(Allocator):
             raise ValueError(f"fit_samples must be a positive integer, got {fit_samples!r}")
         if not isinstance(groups, bool):
             raise ValueError(f"groups must be true or false, got {groups!r}")
+        if isinstance(held_out_samples, bool) or not isinstance(held_out_samples, int) or held_out_samples < 1:
+            raise ValueError(f"held_out_samples must be a positive integer, got {held_out_samples!r}")
         self.holdout, self.fit_samples, self.groups = float(holdout), fit_samples, groups
+        self.held_out_samples = held_out_samples
 
     @property
     def whole_model_reason(self) -> str | None:
@@ -447,8 +469,10 @@ class SensitivityAllocation(Allocator):
     def allocate(self, matrices, ratio, num_layers, statistics=None, weights=None) -> Ranks:
         raise RuntimeError("the sensitivity allocation measures the model: call resolve() with an AllocationContext")
 
-    def resolve(self, context: AllocationContext) -> AllocationResult:
-        ratio = validate_ratio(context.ratio)
+    def measure(self, context: AllocationContext, ratio: float) -> tuple[float, dict, dict]:
+        """(dense held-out loss, {unit: {ratio_key(c): Δ}}, the search record) for the context's model:
+        the probes of measure_sensitivity with this allocation's options (PLC's predicted k search
+        reads the same profile)."""
         if context.model is None or context.calib_ids is None or context.method is None:
             raise ValueError("the sensitivity allocation needs the model, its calibration ids and the method")
         matrices = context.matrices
@@ -458,11 +482,27 @@ class SensitivityAllocation(Allocator):
                              f"{candidates[-1]}; add larger candidates (option ratios)")
         start, timings = time.perf_counter(), {}
         from ..methods import get_method
-        probe_method = get_method(self.probe_method) if self.probe_method else context.method
+        probe_method = (context.method.dense_prefix_equivalent() if self.probe_method == "auto" else
+                        context.method if self.probe_method == "run" else get_method(self.probe_method))
+        probe_dtype = self.probe_dtype
+        if probe_dtype == "auto":  # a float64 model asks for exact numbers (the tests' reference checks)
+            probe_dtype = "float32" if next(context.model.parameters()).dtype == torch.float64 else "bfloat16"
         base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, probe_method,
                                                 context.options, matrices, candidates, self.groups, self.holdout,
-                                                self.fit_samples, context.progress, self.probe_dtype, timings)
-        seconds = time.perf_counter() - start
+                                                self.fit_samples, context.progress, probe_dtype,
+                                                held_out_samples=self.held_out_samples, timings=timings)
+        fit_ids, held_ids = split_calibration(context.calib_ids, self.holdout, self.fit_samples,
+                                              self.held_out_samples)
+        search = {"criterion": "loss", "probe_dtype": probe_dtype, "probe_method": probe_method.name,
+                  "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
+                  "held_out_sequences": len(held_ids), "seconds": time.perf_counter() - start,
+                  "probe_seconds": {k: round(v, 3) for k, v in timings.items()}}
+        return base, sensitivity, search
+
+    def resolve(self, context: AllocationContext) -> AllocationResult:
+        ratio = validate_ratio(context.ratio)
+        matrices = context.matrices
+        base, sensitivity, search = self.measure(context, ratio)
         sizes: dict[str, int] = {}
         for m in matrices:
             unit = unit_of(m, self.groups)
@@ -473,14 +513,10 @@ class SensitivityAllocation(Allocator):
         for m in matrices:
             unit = unit_of(m, self.groups)
             rounded[unit] += (m.dense_params - m.params_at(ranks[m.name])) / sizes[unit]
-        fit_ids, held_ids = split_calibration(context.calib_ids, self.holdout, self.fit_samples)
         details = {
             "sensitivity": sensitivity, "ratios": chosen, "base_loss": base,
             "predicted_delta": sum(interpolate(sensitivity[u], r) for u, r in chosen.items()),
-            "rounded_ratios": rounded, "candidates": candidates, "units": "groups" if self.groups else "layers",
+            "rounded_ratios": rounded, "candidates": sorted({float(c) for row in sensitivity.values() for c in row}),
+            "units": "groups" if self.groups else "layers",
         }
-        search = {"criterion": "loss", "probe_dtype": self.probe_dtype, "probe_method": probe_method.name,
-                  "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
-                  "held_out_sequences": len(held_ids), "seconds": seconds,
-                  "probe_seconds": {k: round(v, 3) for k, v in timings.items()}}
         return AllocationResult(ranks, search=search, details=details)

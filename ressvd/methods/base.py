@@ -51,6 +51,11 @@ class CompressionMethod:
     # The statistics stream and rank allocation this method uses when the run does not choose.
     default_stats: ClassVar[str] = "dense"
     default_allocation: ClassVar[str] = "uniform"
+    # Whether a least-squares refit of the left factor (ressvd.calibration.refit) on the very inputs
+    # the factors were fitted to, with no ridge, returns the same factors: true for SVD-LLM's whitened
+    # truncation, whose A = U_r·Σ_r already minimises ||(W − A·B)·X|| for its B (B X Xᵀ Bᵀ = I). The
+    # sensitivity probes, whose prefix is dense, then skip the refit.
+    refit_is_identity: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         if options:
@@ -78,6 +83,12 @@ class CompressionMethod:
         SVD, SVD-LLM, SVD-LLM V2): that decomposition, so that a caller trying several ranks of one
         matrix (the sensitivity probes) decomposes it once. Others leave this undefined."""
         raise NotImplementedError(f"method {self.name!r} has no rank-free decomposition")
+
+    def dense_prefix_equivalent(self) -> "CompressionMethod":
+        """A method that gives this one's factors whenever the layer's prefix is dense (the compressed
+        stream equals the dense one) and is cheaper to run there, for the sensitivity probes; default:
+        itself. ResSVD's default residual is SVD-LLM at the same rank on a dense prefix (§2.7)."""
+        return self
 
     @classmethod
     def has_spectrum(cls) -> bool:

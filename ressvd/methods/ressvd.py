@@ -36,9 +36,13 @@ def residual_rank(out_features: int, in_features: int, rank: int, beta: float) -
 class ResSVD(CompressionMethod):
     name = "ressvd"
     summary = ("ResSVD/ERC-SVD residual compensation: whitened rank-r1 truncation plus a rank-r2 "
-               "residual stage (--residual same|plain|error-controlled); pair with partial-layer allocation")
+               "residual stage (--residual same|plain|error-controlled), compressed-prefix statistics, "
+               "per-layer ratios by measured sensitivity (PLC: --allocation partial-layer)")
     default_stats = "compressed"
-    default_allocation = "partial-layer"
+    # Sensitivity, not ResSVD's own PLC: on the validation sets (SmolLM2-135M, docs/BENCHMARKS.md)
+    # it wins at 0.2 (PTB valid 116 against 197 for PLC k = 29) and splits at 0.4 (449 against 468,
+    # C4 val 244 against 229), probes in a fraction of PLC's k search, and heals far better.
+    default_allocation = "sensitivity"
 
     # Default "same" (≡ SVD-LLM at rank r) because it measured best overall (SmolLM2-135M, WikiText-2
     # PPL; docs/BENCHMARKS.md, ResSVD ablation): "error-controlled" breaks the model (19,338 against
@@ -56,6 +60,14 @@ class ResSVD(CompressionMethod):
             # instance attributes override the class defaults the engine reads
             self.streams = frozenset({"dense", "compressed"})
             self.needs_cross = True
+
+    def dense_prefix_equivalent(self) -> CompressionMethod:
+        """With residual "same", SVD-LLM at the same total rank (§2.7): one decomposition instead
+        of two SVDs, and a spectrum the sensitivity probes truncate for every candidate ratio."""
+        if self.residual != "same":
+            return self
+        from .svd_llm import SVDLLM
+        return SVDLLM()
 
     def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         m, n = weight.shape

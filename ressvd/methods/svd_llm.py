@@ -12,6 +12,7 @@ from .linalg import cholesky_whitening, right_divide_lower, svd
 @register_method
 class SVDLLM(CompressionMethod):
     name = "svd-llm"
+    refit_is_identity = True  # exact when no diagonal shift was needed (then H is only nearly XXᵀ)
     summary = "SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024)"
 
     def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:

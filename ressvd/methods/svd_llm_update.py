@@ -34,6 +34,14 @@ class SVDLLMUpdate(CompressionMethod):
             raise ValueError(f"whitening must be one of {WHITENINGS}, got {whitening!r}")
         self.whitening, self.eig_floor = whitening, float(eig_floor)
 
+    def dense_prefix_equivalent(self) -> CompressionMethod:
+        """On a dense prefix X̃ = X, and the update of step 2 is the identity (SVD-LLM's A is already
+        the least-squares solution on X): SVD-LLM itself, with Cholesky whitening."""
+        if self.whitening != "cholesky":
+            return self
+        from .svd_llm import SVDLLM
+        return SVDLLM()
+
     def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         dense, compressed = stats.dense, stats.compressed
         if dense is None or compressed is None:

@@ -101,10 +101,12 @@ def _next_token_nll(model, normed: list[torch.Tensor], ids: torch.Tensor) -> flo
 
 
 def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, allocator, ratio: float, options,
-                          matrices, progress: bool = True, statistics=None, weights=None):
+                          matrices, progress: bool = True, statistics=None, weights=None,
+                          candidates: list[int] | None = None):
     """Returns (best k, [SearchPoint...] sorted by k, LayerInputs of all calibration sequences
     entering layer N−k, ready for the final compression). `statistics` and `weights` reach an inner
-    allocator that reads the dense statistics (e.g. v2 inside the last k layers)."""
+    allocator that reads the dense statistics (e.g. v2 inside the last k layers). `candidates`: the
+    ks to evaluate, instead of the grid and its refinement (the predicted search's neighbourhood)."""
     layers = adapter.layers(model)
     num_layers = len(layers)
     n = calib_ids.shape[0]
@@ -146,12 +148,13 @@ def search_partial_layers(model, adapter, calib_ids: torch.Tensor, method, alloc
                                  time.perf_counter() - start_time)
 
     feasible = allocator.feasible_ks(num_layers, ratio)
-    bar = tqdm(total=min(allocator.max_evaluations, len(feasible)), desc="search k", disable=not progress,
-               unit="k")
-    for k in _grid(feasible, allocator.search_points):
+    first = _grid(feasible, allocator.search_points) if candidates is None else sorted(set(candidates))
+    budget = allocator.max_evaluations if candidates is None else len(first)
+    bar = tqdm(total=min(budget, len(feasible)), desc="search k", disable=not progress, unit="k")
+    for k in first:
         evaluate(k)
         bar.update()
-    while len(results) < allocator.max_evaluations:
+    while len(results) < budget:
         best = min(results.values(), key=lambda p: p.error).k
         tried = sorted(results)
         position = tried.index(best)
