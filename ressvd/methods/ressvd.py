@@ -39,9 +39,10 @@ class ResSVD(CompressionMethod):
                "residual stage (--residual same|plain|error-controlled), compressed-prefix statistics, "
                "per-layer ratios by measured sensitivity (PLC: --allocation partial-layer)")
     default_stats = "compressed"
-    # Sensitivity, not ResSVD's own PLC: on the validation sets (SmolLM2-135M, docs/BENCHMARKS.md)
-    # it wins at 0.2 (PTB valid 116 against 197 for PLC k = 29) and splits at 0.4 (449 against 468,
-    # C4 val 244 against 229), probes in a fraction of PLC's k search, and heals far better.
+    # Sensitivity, not ResSVD's own PLC: on the validation sets (docs/BENCHMARKS.md, session 10) it
+    # wins at 0.2 (SmolLM2-135M: PTB valid 116 against 182 for PLC's searched k = 27; Gemma-3-270M
+    # 703 against 1384) and at 0.4 on Gemma (1658 against 2290), splits SmolLM2 at 0.4 (PTB valid 449
+    # against 468, C4 val 244 against 229), costs less than PLC's k search, and heals far better.
     default_allocation = "sensitivity"
 
     # Default "same" (≡ SVD-LLM at rank r) because it measured best overall (SmolLM2-135M, WikiText-2
