@@ -103,8 +103,8 @@ def test_auto_k_search_scores_each_candidate_by_its_held_out_loss(tiny_llama, ca
     # cross-entropy is the only rounding left (measured: 6e-8 relative at most).
     model = float64_model(tiny_llama)
     dense = clone(model)
-    report = ressvd.compress(model, calibration=calib_ids, ratio=0.2, method="ressvd", allocation="partial-layer", allocation_options=SEARCH,
-                             progress=False)
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.2, method="ressvd", allocation="partial-layer",
+                             allocation_options=SEARCH, progress=False)
     assert report.allocation == "partial-layer" and report.stats == "compressed"
     curve = report.search["curve"]
     # feasible k: ceil(4 * 0.2 / 0.95) = 1 .. 4, fewer than the 6 grid points, so all are tried
@@ -138,7 +138,8 @@ def test_search_leaves_the_final_model_equal_to_a_fixed_k_run(tiny_gemma3, calib
     # moves 1e-6 in float32 and 6e-13 in float64. The identity is A@B.
     base = float64_model(tiny_gemma3)
     auto = clone(base)
-    report = ressvd.compress(auto, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer", progress=False)
+    report = ressvd.compress(auto, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer",
+                             progress=False)
     fixed = clone(base)
     fixed_report = ressvd.compress(fixed, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer",
                                    allocation_options={"k": report.search["k"]}, progress=False)
@@ -157,7 +158,8 @@ def test_the_k_search_runs_in_the_models_dtype(tiny_llama, calib_ids):
     """Checkpoints load in their own dtype (dtype="auto": bfloat16 for most hub models); the
     search scores candidates through the model's LM head, in that dtype."""
     model = tiny_llama.to(torch.bfloat16)
-    report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer", progress=False)
+    report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="ressvd", allocation="partial-layer",
+                             progress=False)
     curve = report.search["curve"]
     assert [p["k"] for p in curve] == [2, 3, 4]  # ceil(4 * 0.3 / 0.95) = 2 .. 4
     assert all(math.isfinite(p["error"]) for p in curve)

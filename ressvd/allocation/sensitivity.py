@@ -61,8 +61,8 @@ data-driven generalisation otherwise (any k layers, not only the last ones).
 Options: ratios (candidates, default 0.2, 0.4, 0.6, 0.8, a list or "0.2,0.4"; those at which some
 matrix would keep rank 0 are dropped; the run's ratio may not exceed the largest), holdout (0.25),
 held_out_samples (4: at most this many sequences are held out, so that the probes' cost does not
-grow with the calibration set; 16x512 holds out 4 either way), fit_samples (8), groups (False), step (the DP's ratio grid, 0.01), probe_dtype ("float32", or
-"bfloat16": the suffix passes and the LM head of the scoring, the dense baseline's included, run
+grow with the calibration set; 16x512 holds out 4 either way), fit_samples (8), groups (False),
+step (the DP's ratio grid, 0.01), probe_dtype ("float32", or "bfloat16": the suffix passes and the LM head of the scoring, the dense baseline's included, run
 under bfloat16 autocast, which this CPU's AMX and any recent GPU run several times faster; the
 factorisations, their statistics and the dense stream carried from layer to layer stay in the run's
 precision, so only the scores are rounded; docs/BENCHMARKS.md measures what it changes: the same
