@@ -348,8 +348,8 @@ def test_probes_skip_a_refit_that_is_the_identity_on_a_dense_prefix(tiny_llama, 
     """A probe's prefix is dense, so a refit of SVD-LLM's factors solves least squares on the inputs
     they were fitted to, whose solution is the left factor they have: the probes skip it
     (refit_is_identity). Checked against probes that run the refit through the engine's loop (the
-    flag switched off on the instance): the same Δs to 1e-7 on a float64 model (rounding of two
-    solves; a refit that moved the factors would move a Δ by ~1e-3 here)."""
+    flag switched off on the instance, and asserted to call the refit): the same Δs to 1e-7 on a
+    float64 model (what is left is the rounding of the least-squares solve)."""
     from ressvd.calibration import engine
     from ressvd.calibration.engine import EngineOptions
     from ressvd.methods.svd_llm import SVDLLM
