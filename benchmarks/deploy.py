@@ -8,9 +8,10 @@ Rows, every one built and measured in this process, on the same device and threa
 - dense int8: torchao weight-only int8 (per-row scales) of the decoder linears, the modules ressvd
   factorises (embedding and LM head stay bfloat16, as in the ressvd rows);
 - dense int4: torchao Int4WeightOnlyConfig, when it runs on this device (the row says why not);
-- ressvd R bf16: `--method` at each ratio of `--ratios` (default ResSVD with k=29, the k its search
-  chose on SmolLM2; `--k auto` searches), 16 x 512 C4 calibration windows (seed 0), factors computed
-  in float64 and stored in bfloat16;
+- ressvd R bf16: `--method` at each ratio of `--ratios` (default ResSVD with its own default
+  allocation, measured sensitivity; `--k N` or `--k auto` asks for partial-layer compression instead,
+  `--k 29` being the k the grid search chose on SmolLM2), 16 x 512 C4 calibration windows (seed 0),
+  factors computed in float64 and stored in bfloat16;
 - ressvd R int8: the same checkpoint with its factors quantised to int8 (ressvd.quantize_factors);
 - any `--extra LABEL=DIR` checkpoint (a healed one, say), cast to bfloat16.
 
@@ -222,7 +223,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", default="0.2,0.4")
     parser.add_argument("--method", default="ressvd")
-    parser.add_argument("--k", default="29", help="partial-layer k of the ressvd rows: a number, 'auto', or 'none' "
+    parser.add_argument("--k", default="none", help="partial-layer k of the ressvd rows: a number, 'auto', or 'none' "
                                                   "(the method's own allocation)")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)

@@ -149,7 +149,8 @@ def main() -> None:
             record(base, model, compress_s, report.seconds.get("heal", 0.0), peak.peak,
                    {"healing": report.healing.get("layers"), "search": report.search,
                     "allocation": report.allocation, "allocation_options": report.allocation_options,
-                    "chosen_ratios": (report.allocation_details or {}).get("ratios")})
+                    "chosen_ratios": (report.allocation_details or {}).get("ratios"),
+                    "sensitivity": (report.allocation_details or {}).get("sensitivity")})
         if f"{base}+distill" in wanted or (not local and "distill" in wanted):
             lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]
             for lr in lrs:

@@ -82,8 +82,10 @@ def use_batch1_products(model: nn.Module) -> int:
     (in place: the class changes, the parameters stay). Returns how many were changed."""
     changed = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is nn.Linear and type(weight.data) is torch.Tensor and weight.is_floating_point()):
+        if type(module) is not nn.Linear:  # not getattr first: LowRankLinear.weight multiplies its factors out
+            continue
+        weight = module.weight
+        if type(weight.data) is torch.Tensor and weight.is_floating_point():  # not torchao's int8 tensors
             module.__class__ = Batch1Linear
             changed += 1
     return changed

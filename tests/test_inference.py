@@ -77,6 +77,19 @@ def test_batch1_linear_is_a_linear_outside_compiled_graphs():
     assert use_batch1_products(torch.nn.Sequential(Custom(2, 2))) == 0
 
 
+def test_batch1_products_take_float_factors_and_leave_int8_ones(compressed_models):
+    """A LowRankLinear is not an nn.Linear (its `weight` multiplies the factors out, which int8
+    factors cannot): its A and B linears are turned, int8 ones are left to torchao's own linear."""
+    from ressvd.modules import LowRankLinear
+    model = clone(compressed_models["llama"])
+    factors = sum(2 for m in model.modules() if isinstance(m, LowRankLinear))
+    dense = sum(1 for m in model.modules() if type(m) is torch.nn.Linear) - factors
+    assert use_batch1_products(clone(model)) == factors + dense
+    ressvd.quantize_factors(model)
+    assert use_batch1_products(model) == dense  # the dense linears (and LM head) only; no error
+    ressvd.optimize_for_inference(model, compile=False)
+
+
 def test_batch1_reduction_matches_linear_when_compiled():
     """Compiled, a one-row product takes the reduction and equals F.linear to float32 rounding; a
     bfloat16 weight is read as bfloat16 and summed in float32 (one rounding of the output)."""

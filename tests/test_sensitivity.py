@@ -308,7 +308,7 @@ def test_probes_decompose_each_matrix_once_for_every_candidate(tiny_llama, calib
     # one per matrix in the probes, then the final compression's own, one per compressed matrix
     assert len(calls) == len(matrices) + len(compressed)
     assert sorted(set(calls[: len(matrices)])) == sorted(m.name for m in matrices)
-    assert set(report.search["probe_seconds"]) == {"factorise", "score"}
+    assert set(report.search["probe_seconds"]) == {"factorise", "error", "score"}
 
 
 def test_svd_llm_probes_measure_what_ressvd_probes_measure(tiny_llama, calib_ids):
@@ -388,3 +388,41 @@ def test_at_most_held_out_samples_sequences_are_held_out():
     assert out.shape[0] == 8 and torch.equal(out, ids[24:32])
     with pytest.raises(ValueError, match="held_out_samples"):
         get_allocator("sensitivity", held_out_samples=0)
+
+
+def test_extrapolate_scales_the_nearest_scored_delta_by_the_output_error():
+    nan, inf = math.nan, math.inf
+    deltas = {"0.2": nan, "0.4": 0.5, "0.6": nan, "0.8": 2.0}
+    errors = {"0.2": 0.01, "0.4": 0.02, "0.6": 0.06, "0.8": 0.08}
+    # 0.2 is nearest 0.4; 0.6 lies as near 0.4 as 0.8 and takes the larger, 0.8
+    assert sens.extrapolate(deltas, errors) == pytest.approx({"0.2": 0.25, "0.4": 0.5, "0.6": 1.5, "0.8": 2.0})
+    assert sens.extrapolate({"0.2": nan, "0.4": inf}, {"0.2": 0.01, "0.4": 0.02})["0.2"] == inf
+    assert sens.extrapolate({"0.2": nan, "0.4": 1.0}, {"0.2": inf, "0.4": 0.02})["0.2"] == inf
+    assert sens.extrapolate({"0.2": 0.1, "0.4": 1.0}, {"0.2": 0.0, "0.4": 0.0}) == {"0.2": 0.1, "0.4": 1.0}
+    with pytest.raises(ValueError, match="scored"):
+        sens.extrapolate({"0.2": nan}, {"0.2": 0.1})
+
+
+def test_scoring_only_the_largest_candidate_extrapolates_the_others(tiny_llama, calib_ids):
+    """scored="largest": the largest candidate's Δ is the full run's (the same probe and suffix pass),
+    every other one is that Δ times the ratio of the layer's recorded output errors, which equal the
+    full run's; fewer suffix passes are timed."""
+    runs = {}
+    for scored in ("all", "largest"):
+        report = ressvd.compress(clone(tiny_llama), calibration=calib_ids, ratio=0.3, method="svd-llm",
+                                 allocation="sensitivity", allocation_options={"scored": scored}, progress=False)
+        runs[scored] = report
+    full, cheap = runs["all"], runs["largest"]
+    assert full.search["scored"] == [0.2, 0.4, 0.6, 0.8] and cheap.search["scored"] == [0.8]
+    assert cheap.search["output_errors"] == full.search["output_errors"]
+    errors = full.search["output_errors"]
+    for unit, row in full.allocation_details["sensitivity"].items():
+        assert all(0 < e < math.inf for e in errors[unit].values()), unit
+        assert cheap.allocation_details["sensitivity"][unit]["0.8"] == row["0.8"]
+        for c in ("0.2", "0.4", "0.6"):
+            expected = row["0.8"] * errors[unit][c] / errors[unit]["0.8"]
+            assert cheap.allocation_details["sensitivity"][unit][c] == pytest.approx(expected, rel=1e-12), (unit, c)
+    assert_exact_budget(specs(tiny_llama), cheap.ranks, 0.3)
+    for bad in ({"scored": "some"}, {"scored": [0.3]}, {"scored": [0.2], "ratios": [0.4, 0.8]}):
+        with pytest.raises(ValueError, match="scored|ratios"):
+            get_allocator("sensitivity", **bad)

@@ -26,7 +26,14 @@ dense-prefix equivalent, SVD-LLM for ressvd's default residual and for svd-llm-u
 refit that is the identity there. Other two-stream methods (ressvd's error-controlled residual, a
 refit of a method fitted to other statistics) instead run the engine's own loop on layer l from the
 cached fit inputs for each probe. The record's search.probe_seconds splits the probes' time into
-"factorise" and "score".
+"factorise", "error" and "score".
+Cheaper scoring (option scored): every probe also measures e_u(c), the probed layer's held-out
+output error relative to the dense layer's, Σ‖ŷ − y‖²/Σ‖y‖², one layer pass. With scored="all"
+(default) every candidate gets its suffix pass; with "largest" (or a list) only those do, and an
+unscored candidate's Δ is extrapolated from the nearest scored one, Δ_u(c) = Δ_u(s)·e_u(c)/e_u(s)
+(the second-order picture: the loss rises with the squared output perturbation, times a gain of
+the suffix that one suffix pass measures). That cuts the suffix passes by the number of candidates.
+The record keeps every e_u(c) (search.output_errors), so a full run can check the extrapolation.
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
 Choice. With P_u the unit's dense parameters, Δ_u is interpolated linearly between (0, 0) (the
@@ -72,7 +79,8 @@ bfloat16, and float32 for a float64 model, which asks for exact numbers), probe_
 on a probe's dense prefix ressvd's default residual "same" is SVD-LLM at the same rank (methods.md
 §2.7), and so is svd-llm-update, so they are probed with SVD-LLM, one decomposition per matrix
 instead of two SVDs per probe; "run": the run's method as it is; or a method name, default options,
-for the probes only). A refit (--refit) is skipped in the probes when the probe method's left factor
+for the probes only), scored ("all", "largest" or a list of candidates: which get a suffix pass,
+above). A refit (--refit) is skipped in the probes when the probe method's left factor
 is already its least-squares solution on the probe's inputs (CompressionMethod.refit_is_identity).
 """
 from __future__ import annotations
@@ -97,6 +105,9 @@ PROBE_DTYPES = ("auto", "float32", "bfloat16")
 # probe_method values besides a method name: "auto", the run's method's dense-prefix equivalent
 # (CompressionMethod.dense_prefix_equivalent: SVD-LLM for ressvd's default); "run", the run's method
 PROBE_METHOD_CHOICES = ("auto", "run")
+# scored values besides a list of candidates: every candidate gets a suffix pass ("all"), or only the
+# largest one, the others extrapolated from it by the layer's output error
+SCORED_CHOICES = ("all", "largest")
 
 
 def ratio_key(ratio: float) -> str:
@@ -197,10 +208,15 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                         candidates: list[float], groups: bool = False, holdout: float = 0.25,
                         fit_samples: int = 8, progress: bool = True,
                         probe_dtype: str = "float32", held_out_samples: int | None = None,
-                        timings: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
+                        timings: dict | None = None, scored: list[float] | None = None,
+                        errors: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
     module docstring). The model is left as it was. `timings`, when given, receives the seconds the
-    probes spent factorising ("factorise", the compression of the probed layer) and scoring ("score")."""
+    probes spent factorising ("factorise", the compression of the probed layer), scoring ("score")
+    and measuring the layer's output error ("error"). `scored`: the candidates that get a suffix
+    pass (None: all); the others' Δ are extrapolated from the nearest scored one by the probed
+    layer's held-out output error (`extrapolate`). `errors`, when given, receives every probe's
+    output error {unit: {ratio_key(c): e}}."""
     from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
                                       propagate_dense, streams_needed)
     from ..methods.linalg import DecompositionError
@@ -224,7 +240,7 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
             return _next_token_nll(model, _final_normed(model, adapter, layers, held_in, start), held_ids)
 
     base = score(0)
-    seconds = {"factorise": 0.0, "score": 0.0}  # of the probes, for the run's record
+    seconds = {"factorise": 0.0, "error": 0.0, "score": 0.0}  # of the probes, for the run's record
 
     by_unit: dict[str, list[MatrixSpec]] = {}
     for spec in matrices:
@@ -246,14 +262,17 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
         quiet.stats = "dense"
     shared = streams_needed(method, quiet) == ["dense"]
     spectra = shared and method.has_spectrum()
+    scored_keys = {ratio_key(c) for c in (candidates if scored is None else scored)}
+    error_of: dict[str, dict[str, float]] = {}
     bar = tqdm(total=len(by_unit) * len(candidates), desc="sensitivity", disable=not progress, unit="probe")
     for index in range(num_layers):
         units = [u for u, specs in by_unit.items() if specs[0].layer == index]
         probe_method = _SpectrumCache(method) if spectra else method
         if shared:
             stats, fit_next = _dense_stats(layers[index], adapter, fit_in, quiet)
+        dense_out = _layer_outputs(layers[index], held_in, quiet)  # also the next layer's held-out inputs
         for unit in units:
-            sensitivity[unit] = {}
+            sensitivity[unit], error_of[unit] = {}, {}
             for c in candidates:
                 ranks = finalize(by_unit[unit], {m.name: rank_for_ratio(m.out_features, m.in_features, c)
                                                  for m in by_unit[unit]})
@@ -269,24 +288,78 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                         compress_layerwise(model, first, fit_ids, plan, method, quiet, inputs=fit_in)
                     seconds["factorise"] += time.perf_counter() - started
                     started = time.perf_counter()
-                    loss = score(index)
+                    error = _output_error(layers[index], held_in, dense_out, quiet)
+                    seconds["error"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    loss = score(index) if ratio_key(c) in scored_keys else math.nan  # nan: extrapolated below
                     seconds["score"] += time.perf_counter() - started
                 except DecompositionError as err:  # non-finite factors at this ratio: never choose it
                     log.warning("sensitivity probe of unit %s at ratio %s failed: %s", unit, c, err)
-                    loss = math.inf
+                    loss, error = math.inf, math.inf
                 finally:
                     layers[index] = original
                 delta = loss - base
-                sensitivity[unit][ratio_key(c)] = delta if math.isfinite(delta) else math.inf
+                sensitivity[unit][ratio_key(c)] = delta if math.isfinite(delta) or math.isnan(delta) else math.inf
+                error_of[unit][ratio_key(c)] = error if math.isfinite(error) else math.inf
                 bar.update()
+            sensitivity[unit] = extrapolate(sensitivity[unit], error_of[unit])
         if index + 1 < num_layers:
             fit_in = LayerInputs(fit_in.kwargs, fit_next, index + 1) if shared else \
                 propagate_dense(layers, fit_in, index + 1, quiet)
-            held_in = propagate_dense(layers, held_in, index + 1, quiet)
+            held_in = LayerInputs(held_in.kwargs, dense_out, index + 1)
     bar.close()
     if timings is not None:
         timings.update(seconds)
+    if errors is not None:
+        errors.update(error_of)
     return base, sensitivity
+
+
+@torch.no_grad()
+def _layer_outputs(layer, inputs, options) -> list[torch.Tensor]:
+    """`layer` (entered by inputs.hidden) run on every held-out batch, in the run's precision."""
+    from ..calibration.capture import run_layer
+    original = next(layer.parameters()).device
+    layer.to(options.device)
+    try:
+        return [run_layer(layer, h, inputs.kwargs[inputs.start]) for h in inputs.hidden]
+    finally:
+        layer.to(original)
+
+
+def _output_error(layer, inputs, dense_out: list[torch.Tensor], options) -> float:
+    """Σ ‖layer(x) − dense layer(x)‖² over the held-out tokens, relative to Σ ‖dense layer(x)‖²."""
+    probe = _layer_outputs(layer, inputs, options)
+    num = sum(float((p.double() - d.double()).pow(2).sum()) for p, d in zip(probe, dense_out))
+    den = sum(float(d.double().pow(2).sum()) for d in dense_out)
+    return num / den if den > 0 else math.inf
+
+
+def extrapolate(deltas: dict[str, float], errors: dict[str, float]) -> dict[str, float]:
+    """Fill each unscored candidate's Δ (nan) from the nearest scored candidate s (by ratio, the
+    larger on a tie): Δ(c) = Δ(s)·e(c)/e(s), with e the layer's held-out output error. Why: to
+    second order, a small perturbation δ of a layer's output raises the loss by ½ δᵀHδ, which for
+    perturbations alike in direction scales with ‖δ‖²; the suffix pass of a scored candidate
+    measures the layer's gain H once. A candidate with no finite scored neighbour, or whose own
+    error is not finite, is inf (never chosen)."""
+    scored = [(float(k), v) for k, v in deltas.items() if not math.isnan(v)]
+    if len(scored) == len(deltas):
+        return dict(deltas)
+    if not scored:
+        raise ValueError("extrapolate: no candidate was scored")
+    out = {}
+    for key, value in deltas.items():
+        if not math.isnan(value):
+            out[key] = value
+            continue
+        c = float(key)
+        near, d_near = min(scored, key=lambda item: (abs(item[0] - c), -item[0]))
+        e_c, e_near = errors[key], errors[ratio_key(near)]
+        if not (math.isfinite(d_near) and math.isfinite(e_c) and math.isfinite(e_near)) or e_near <= 0:
+            out[key] = math.inf
+        else:
+            out[key] = d_near * e_c / e_near
+    return out
 
 
 def interpolate(deltas: dict[str, float], ratio: float) -> float:
@@ -423,8 +496,13 @@ class SensitivityAllocation(Allocator):
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
                  held_out_samples: int = 4,
                  groups: bool = False, step: float = 0.01, probe_dtype: str = "auto",
-                 probe_method: str = "auto"):
+                 probe_method: str = "auto", scored: Any = "all"):
         self.ratios = _parse_ratios(ratios)
+        if scored not in SCORED_CHOICES:
+            scored = _parse_ratios(scored)
+            if not set(scored) <= set(self.ratios):
+                raise ValueError(f"scored ratios {scored} must be among the candidates {self.ratios}")
+        self.scored = scored
         if probe_method not in PROBE_METHOD_CHOICES:
             from ..methods import get_method
             get_method(probe_method)  # an unknown name fails here, naming the available ones
@@ -487,14 +565,22 @@ class SensitivityAllocation(Allocator):
         probe_dtype = self.probe_dtype
         if probe_dtype == "auto":  # a float64 model asks for exact numbers (the tests' reference checks)
             probe_dtype = "float32" if next(context.model.parameters()).dtype == torch.float64 else "bfloat16"
+        scored = (candidates if self.scored == "all" else [candidates[-1]] if self.scored == "largest" else
+                  [c for c in candidates if c in self.scored])
+        if not scored:
+            raise ValueError(f"sensitivity allocation: none of the scored ratios {self.scored} is a candidate "
+                             f"kept ({candidates})")
+        errors: dict = {}
         base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, probe_method,
                                                 context.options, matrices, candidates, self.groups, self.holdout,
                                                 self.fit_samples, context.progress, probe_dtype,
-                                                held_out_samples=self.held_out_samples, timings=timings)
+                                                held_out_samples=self.held_out_samples, timings=timings,
+                                                scored=scored, errors=errors)
         fit_ids, held_ids = split_calibration(context.calib_ids, self.holdout, self.fit_samples,
                                               self.held_out_samples)
         search = {"criterion": "loss", "probe_dtype": probe_dtype, "probe_method": probe_method.name,
-                  "probes": len(sensitivity) * len(candidates), "fit_sequences": len(fit_ids),
+                  "probes": len(sensitivity) * len(candidates), "scored": scored,
+                  "output_errors": errors, "fit_sequences": len(fit_ids),
                   "held_out_sequences": len(held_ids), "seconds": time.perf_counter() - start,
                   "probe_seconds": {k: round(v, 3) for k, v in timings.items()}}
         return base, sensitivity, search
