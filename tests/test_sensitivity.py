@@ -86,9 +86,9 @@ def test_sensitivity_allocation_meets_the_budget_exactly(tiny_model, calib_ids, 
     units = [str(i) for i in range(4)] if not groups else [f"{i}.{p}" for i in range(4) for p in ("self_attn", "mlp")]
     assert sorted(details["sensitivity"]) == sorted(units) and sorted(details["ratios"]) == sorted(units)
     for unit in units:
-        assert list(details["sensitivity"][unit]) == ["0.2", "0.4", "0.6", "0.8"]
+        assert list(details["sensitivity"][unit]) == [sens.ratio_key(c) for c in sens.DEFAULT_RATIOS]
         assert all(math.isfinite(v) for v in details["sensitivity"][unit].values())
-    assert math.isfinite(details["base_loss"]) and report.search["probes"] == 4 * len(units)
+    assert math.isfinite(details["base_loss"]) and report.search["probes"] == len(sens.DEFAULT_RATIOS) * len(units)
     # the chosen ratios remove the budget to within the DP's grid (0.01 of the smallest unit)
     sizes = {u: sum(m.dense_params for m in matrices if sens.unit_of(m, groups) == u) for u in units}
     planned = sum(details["ratios"][u] * sizes[u] for u in units) / sum(sizes.values())
@@ -151,7 +151,7 @@ def test_measured_delta_is_the_held_out_loss_increase(model_name, groups, stats,
     model = float64_model(request.getfixturevalue(model_name))  # float64: see tests/float64.py
     dense = clone(model)
     report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
-                             allocation_options={"groups": groups}, stats=stats, progress=False)
+                             allocation_options={"groups": groups, "scored": "all"}, stats=stats, progress=False)
     details = report.allocation_details
     base = held_out_loss(dense, calib_ids[HELD])
     # the search scores the final normed states in float32 (about 1e-7 relative on the loss)
@@ -403,6 +403,32 @@ def test_extrapolate_scales_the_nearest_scored_delta_by_the_output_error():
         sens.extrapolate({"0.2": nan}, {"0.2": 0.1})
 
 
+def test_extrapolate_fits_a_power_law_through_two_scored_candidates():
+    """With scored 0.4 and 0.8, Δ = Δ(s)·(e/e(s))^α, α fitted through the pair: here e doubles per
+    step and Δ rises 8× over two doublings, α = log 8 / log 4 = 1.5, the same law inside the pair
+    (from either end) and beyond it; a wild exponent is clipped; a non-positive Δ falls back to α = 1."""
+    nan = math.nan
+    errors = {"0.2": 0.01, "0.4": 0.02, "0.6": 0.04, "0.8": 0.08, "0.9": 0.16}
+    out = sens.extrapolate({"0.2": nan, "0.4": 0.5, "0.6": nan, "0.8": 4.0, "0.9": nan}, errors)
+    assert out == pytest.approx({"0.2": 0.5 * 0.5 ** 1.5, "0.4": 0.5, "0.6": 0.5 * 2 ** 1.5,
+                                 "0.8": 4.0, "0.9": 4.0 * 2 ** 1.5}, rel=1e-12)
+    assert out["0.6"] == pytest.approx(4.0 * 0.5 ** 1.5, rel=1e-12)  # the same from the other end
+    clipped = sens.extrapolate({"0.2": nan, "0.4": 0.1, "0.8": 100.0}, {"0.2": 0.01, "0.4": 0.02, "0.8": 0.04})
+    assert clipped["0.2"] == pytest.approx(0.1 * 0.5 ** sens.EXPONENT_BOUNDS[1], rel=1e-12)
+    linear = sens.extrapolate({"0.2": nan, "0.4": -0.1, "0.8": 1.0}, {"0.2": 0.01, "0.4": 0.02, "0.8": 0.08})
+    assert linear["0.2"] == pytest.approx(-0.1 * 0.5, rel=1e-12)
+
+
+def test_auto_scoring_picks_the_candidates_nearest_its_pair():
+    nine = [round(0.1 * i, 1) for i in range(1, 10)]
+    assert sens.scored_candidates(nine, "auto") == [0.4, 0.8]
+    assert sens.scored_candidates([0.2, 0.45, 0.6, 0.9], "auto") == [0.45, 0.9]
+    assert sens.scored_candidates([0.3, 0.6], "auto") == [0.3, 0.6]  # two or fewer: all of them
+    assert sens.scored_candidates(nine, "all") == nine
+    assert sens.scored_candidates(nine, "largest") == [0.9]
+    assert sens.scored_candidates(nine, [0.2, 0.7]) == [0.2, 0.7]
+
+
 def test_scoring_only_the_largest_candidate_extrapolates_the_others(tiny_llama, calib_ids):
     """scored="largest": the largest candidate's Δ is the full run's (the same probe and suffix pass),
     every other one is that Δ times the ratio of the layer's recorded output errors, which equal the
@@ -410,7 +436,8 @@ def test_scoring_only_the_largest_candidate_extrapolates_the_others(tiny_llama, 
     runs = {}
     for scored in ("all", "largest"):
         report = ressvd.compress(clone(tiny_llama), calibration=calib_ids, ratio=0.3, method="svd-llm",
-                                 allocation="sensitivity", allocation_options={"scored": scored}, progress=False)
+                                 allocation="sensitivity", progress=False,
+                                 allocation_options={"scored": scored, "ratios": [0.2, 0.4, 0.6, 0.8]})
         runs[scored] = report
     full, cheap = runs["all"], runs["largest"]
     assert full.search["scored"] == [0.2, 0.4, 0.6, 0.8] and cheap.search["scored"] == [0.8]
@@ -423,6 +450,6 @@ def test_scoring_only_the_largest_candidate_extrapolates_the_others(tiny_llama, 
             expected = row["0.8"] * errors[unit][c] / errors[unit]["0.8"]
             assert cheap.allocation_details["sensitivity"][unit][c] == pytest.approx(expected, rel=1e-12), (unit, c)
     assert_exact_budget(specs(tiny_llama), cheap.ranks, 0.3)
-    for bad in ({"scored": "some"}, {"scored": [0.3]}, {"scored": [0.2], "ratios": [0.4, 0.8]}):
+    for bad in ({"scored": "some"}, {"scored": [0.35]}, {"scored": [0.2], "ratios": [0.4, 0.8]}):
         with pytest.raises(ValueError, match="scored|ratios"):
             get_allocator("sensitivity", **bad)

@@ -14,7 +14,10 @@ Two searches (`search`):
   Δ_l(N·R/k), and k̂ is its minimiser; then the `refine` nearest feasible ks on each side of k̂ and
   k̂ itself are evaluated as the grid search evaluates them, and the best of those is kept
   (refine=0: k̂ unevaluated). It pays one profile (one decomposition per matrix with SVD-LLM's
-  spectrum) instead of up to `max_evaluations` suffix compressions.
+  spectrum) instead of up to `max_evaluations` suffix compressions. Its profile keeps the probes
+  it was measured with (PREDICTED_PROFILE: candidates 0.2/0.4/0.6/0.8, every one scored), not the
+  sensitivity allocation's cheaper default: k̂ reads Δ at N·R/k, which extrapolated scores move
+  (on the 8-layer test model they moved k̂ off the grid search's k).
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ from .ranks import MatrixSpec
 from .sensitivity import interpolate
 
 SEARCHES = ("grid", "predicted")
+
+
+# The predicted search's profile defaults (module docstring), under any sensitivity_options given
+PREDICTED_PROFILE = {"ratios": (0.2, 0.4, 0.6, 0.8), "scored": "all"}
 
 
 def predicted_losses(sensitivity: dict[str, dict[str, float]], num_layers: int, ratio: float,
@@ -69,7 +76,7 @@ class PartialLayerAllocation(Allocator):
         if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
             raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
         self.search, self.refine = search, refine
-        self.sensitivity_options = dict(sensitivity_options or {})
+        self.sensitivity_options = {**PREDICTED_PROFILE, **(sensitivity_options or {})}
         if search == "predicted":
             if self.sensitivity_options.get("groups"):
                 raise ValueError("the predicted k search reads a per-layer profile: sensitivity option groups "
