@@ -290,7 +290,7 @@ def test_bfloat16_probes_round_only_the_scores(tiny_llama, calib_ids):
 
 
 def test_probes_decompose_each_matrix_once_for_every_candidate(tiny_llama, calib_ids, monkeypatch):
-    """With dense statistics and svd-llm, the four candidates of a layer share one decomposition per
+    """With dense statistics and svd-llm, the candidates of a layer share one decomposition per
     matrix (the Δs themselves are checked against independent compressions above)."""
     from ressvd.methods.svd_llm import SVDLLM
     calls = []
@@ -394,7 +394,7 @@ def test_extrapolate_scales_the_nearest_scored_delta_by_the_output_error():
     nan, inf = math.nan, math.inf
     deltas = {"0.2": nan, "0.4": 0.5, "0.6": nan, "0.8": 2.0}
     errors = {"0.2": 0.01, "0.4": 0.02, "0.6": 0.06, "0.8": 0.08}
-    # 0.2 is nearest 0.4; 0.6 lies as near 0.4 as 0.8 and takes the larger, 0.8
+    # 0.2 is nearest 0.4; 0.6 lies as near 0.4 as 0.8 (α = 1 through the pair, so either end gives 1.5)
     assert sens.extrapolate(deltas, errors) == pytest.approx({"0.2": 0.25, "0.4": 0.5, "0.6": 1.5, "0.8": 2.0})
     assert sens.extrapolate({"0.2": nan, "0.4": inf}, {"0.2": 0.01, "0.4": 0.02})["0.2"] == inf
     assert sens.extrapolate({"0.2": nan, "0.4": 1.0}, {"0.2": inf, "0.4": 0.02})["0.2"] == inf
@@ -415,8 +415,15 @@ def test_extrapolate_fits_a_power_law_through_two_scored_candidates():
     assert out["0.6"] == pytest.approx(4.0 * 0.5 ** 1.5, rel=1e-12)  # the same from the other end
     clipped = sens.extrapolate({"0.2": nan, "0.4": 0.1, "0.8": 100.0}, {"0.2": 0.01, "0.4": 0.02, "0.8": 0.04})
     assert clipped["0.2"] == pytest.approx(0.1 * 0.5 ** sens.EXPONENT_BOUNDS[1], rel=1e-12)
-    linear = sens.extrapolate({"0.2": nan, "0.4": -0.1, "0.8": 1.0}, {"0.2": 0.01, "0.4": 0.02, "0.8": 0.08})
-    assert linear["0.2"] == pytest.approx(-0.1 * 0.5, rel=1e-12)
+    # a pair with a non-positive Δ or a non-positive fitted α is not a power law: inside it Δ is
+    # linear in the ratio, outside it the nearest scored Δ with α = 1, never scaled below zero
+    errors = {"0.2": 0.01, "0.4": 0.02, "0.6": 0.04, "0.8": 0.08, "0.9": 0.16}
+    unusable = sens.extrapolate({"0.2": nan, "0.4": -0.1, "0.6": nan, "0.8": 1.0, "0.9": nan}, errors)
+    assert unusable == pytest.approx({"0.2": -0.05, "0.4": -0.1, "0.6": 0.45, "0.8": 1.0, "0.9": 2.0}, rel=1e-12)
+    falling = sens.extrapolate({"0.4": 0.5, "0.6": nan, "0.8": 0.3, "0.9": nan}, errors)  # fitted α < 0
+    assert falling == pytest.approx({"0.4": 0.5, "0.6": 0.4, "0.8": 0.3, "0.9": 0.6}, rel=1e-12)
+    negative = sens.extrapolate({"0.2": nan, "0.4": -0.1, "0.6": nan}, {"0.2": 0.01, "0.4": 0.02, "0.6": 0.04})
+    assert negative == pytest.approx({"0.2": -0.05, "0.4": -0.1, "0.6": -0.1}, rel=1e-12)
 
 
 def test_auto_scoring_picks_the_candidates_nearest_its_pair():
@@ -424,6 +431,7 @@ def test_auto_scoring_picks_the_candidates_nearest_its_pair():
     assert sens.scored_candidates(nine, "auto") == [0.4, 0.8]
     assert sens.scored_candidates([0.2, 0.45, 0.6, 0.9], "auto") == [0.45, 0.9]
     assert sens.scored_candidates([0.3, 0.6], "auto") == [0.3, 0.6]  # two or fewer: all of them
+    assert sens.scored_candidates([0.1, 0.2, 0.3], "auto") == [0.2, 0.3]  # two distinct ones
     assert sens.scored_candidates(nine, "all") == nine
     assert sens.scored_candidates(nine, "largest") == [0.9]
     assert sens.scored_candidates(nine, [0.2, 0.7]) == [0.2, 0.7]

@@ -13,8 +13,9 @@ NLL L_u(c). Δ_u(c) = L_u(c) − L_dense. The original layer is put back afterwa
 compressed, the original module is never touched). A unit is a whole layer, or with `groups=True`
 the attention part and the MLP part of a layer (the linears by their first name component,
 "self_attn.*" and "mlp.*", each a union of input groups) measured separately. A probe costs one
-factorisation of the unit and one suffix pass (l..N−1 + LM head) over the held-out sequences, so
-the whole measurement is about |ratios|·N(N+1)/2 layer passes over the held-out set. When the run's
+factorisation of the unit and, when its candidate is scored (option scored, below), one suffix pass
+(l..N−1 + LM head) over the held-out sequences, so the whole measurement is about
+|scored|·N(N+1)/2 layer passes over the held-out set, plus one pass of the probed layer per probe. When the run's
 statistics are the dense model's alone (one stream, e.g. svd-llm's default), a layer's statistics
 do not depend on the ratio: they are accumulated once per layer (the same InputStats sums as the
 engine's loop) and every probe of that layer is factorised from them through an in-memory
@@ -34,7 +35,8 @@ and 0.8 do (AUTO_SCORED), with "largest" (or a list) only those; an
 unscored candidate's Δ is extrapolated from the scored ones, Δ_u(c) = Δ_u(s)·(e_u(c)/e_u(s))^α
 (the second-order picture: the loss rises with the squared output perturbation, times a gain of
 the suffix that one suffix pass measures; α = 1 from one scored candidate, fitted through the
-nearest scored pair from two: `extrapolate`). That cuts the suffix passes by the number of candidates.
+nearest scored pair from two: `extrapolate`). That cuts the suffix passes from |ratios| to |scored|
+per layer (9 to 2 by default).
 The record keeps every e_u(c) (search.output_errors), so a full run can check the extrapolation.
 Probes ignore a layer-scope healer and any compressed prefix: every probe sees dense inputs.
 
@@ -106,7 +108,8 @@ log = logging.getLogger("ressvd")
 # margin (PTB valid 444 -> 292 scored in full), and the extrapolated ones cost one layer pass each
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # scored="auto": the candidates nearest these two get a suffix pass, the others are extrapolated
-# (chosen offline from a fully scored run: the smallest allocation regret among the pairs tried)
+# (chosen offline from a fully scored SmolLM2 run: the best rank correlation of the pairs tried and
+# the smallest allocation regret at 0.2; at 0.4 two other pairs did better; docs/BENCHMARKS.md)
 AUTO_SCORED = (0.4, 0.8)
 PROBE_DTYPES = ("auto", "float32", "bfloat16")
 # probe_method values besides a method name: "auto", the run's method's dense-prefix equivalent
@@ -124,8 +127,11 @@ def scored_candidates(candidates: list[float], scored: Any) -> list[float]:
         return list(candidates)
     if scored == "largest":
         return [candidates[-1]]
-    if scored == "auto":
-        return sorted({min(candidates, key=lambda c: (abs(c - target), -c)) for target in AUTO_SCORED})
+    if scored == "auto":  # the candidate nearest each target, each target taking a different one
+        chosen: list[float] = []
+        for target in AUTO_SCORED:
+            chosen.append(_nearest([(c, c) for c in candidates if c not in chosen], target)[0])
+        return sorted(chosen)
     return [c for c in candidates if c in scored]
 
 
@@ -233,7 +239,7 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
     module docstring). The model is left as it was. `timings`, when given, receives the seconds the
     probes spent factorising ("factorise", the compression of the probed layer), scoring ("score")
     and measuring the layer's output error ("error"). `scored`: the candidates that get a suffix
-    pass (None: all); the others' Δ are extrapolated from the nearest scored one by the probed
+    pass (None: all); the others' Δ are extrapolated from the scored ones by the probed
     layer's held-out output error (`extrapolate`). `errors`, when given, receives every probe's
     output error {unit: {ratio_key(c): e}}."""
     from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
@@ -355,9 +361,17 @@ def _output_error(layer, inputs, dense_out: list[torch.Tensor], options) -> floa
 
 
 # Bounds of the fitted exponent of the loss in the output error between two scored candidates:
-# measured on SmolLM2 (30 layers, 0.4 against 0.8) it lies in 0.8-2.4, median 1.3; the clip only
-# keeps a pair of nearly equal errors from producing a wild power.
+# measured on SmolLM2 (30 layers, 0.4 against 0.8) it lies in 0.8-2.4, median 1.3; the clip keeps
+# a pair of nearly equal errors from producing a wild power. A fitted exponent <= 0 (Δ falling
+# while e rises, or e not rising with the ratio: seen on 3 of Gemma-3-270M's 18 layers) says the
+# power law does not describe the layer, and `extrapolate` does not use it.
 EXPONENT_BOUNDS = (0.5, 3.0)
+
+
+def _nearest(points: list[tuple[float, float]], c: float) -> tuple[float, float]:
+    """The (ratio, value) point nearest c, the larger ratio on a tie (distances rounded, so that
+    0.6 is as near 0.4 as 0.8 in floating point)."""
+    return min(points, key=lambda item: (round(abs(item[0] - c), 9), -item[0]))
 
 
 def extrapolate(deltas: dict[str, float], errors: dict[str, float]) -> dict[str, float]:
@@ -365,12 +379,19 @@ def extrapolate(deltas: dict[str, float], errors: dict[str, float]) -> dict[str,
     error e. Why: to second order, a small perturbation δ of a layer's output raises the loss by
     ½ δᵀHδ, which for perturbations alike in direction scales with ‖δ‖² = e; the suffix pass of a
     scored candidate measures the layer's gain H once. Larger perturbations raise the loss faster
-    than e (the exponent fitted between candidates 0.4 and 0.8 has a median of 1.3 on SmolLM2), so
-    with two or more scored candidates Δ follows a power law Δ = Δ(s)·(e/e(s))^α through the nearest
-    scored pair (the pair around c, else the two nearest), α = log(Δ(s₂)/Δ(s₁)) / log(e(s₂)/e(s₁)),
-    clipped to EXPONENT_BOUNDS. With one scored candidate, or a pair whose Δ or e is not positive,
-    α = 1 from the nearest scored candidate (the larger on a tie). A candidate with no finite scored
-    neighbour, or whose own error is not finite, is inf (never chosen)."""
+    than e (the exponent fitted between candidates 0.4 and 0.8 has a median of 1.3 on SmolLM2), so:
+    - with a usable scored pair (the pair around c, else the two nearest; both Δ and e finite and
+      positive, a fitted α > 0), Δ follows the power law through it, Δ = Δ(s)·(e/e(s))^α with s
+      the nearest scored candidate and α = log(Δ(s₂)/Δ(s₁)) / log(e(s₂)/e(s₁)) clipped to
+      EXPONENT_BOUNDS;
+    - with a pair that is not usable, c inside the pair is linear in the ratio between its two Δ
+      (what the knapsack would read without c), and c outside it is treated as with one scored
+      candidate;
+    - with one scored candidate s (the nearest, the larger on a tie): Δ(s)·e(c)/e(s) (α = 1),
+      where a non-positive Δ(s) is never scaled up (Δ(s)·min(1, e(c)/e(s))), so noise below zero
+      does not make heavier compression look better.
+    A candidate whose nearest scored Δ is not finite, whose own error is not finite, or whose
+    nearest scored error is 0, is inf (never chosen)."""
     scored = sorted((float(k), v) for k, v in deltas.items() if not math.isnan(v))
     if len(scored) == len(deltas):
         return dict(deltas)
@@ -382,19 +403,26 @@ def extrapolate(deltas: dict[str, float], errors: dict[str, float]) -> dict[str,
             out[key] = value
             continue
         c = float(key)
-        near, d_near = min(scored, key=lambda item: (abs(item[0] - c), -item[0]))
+        near, d_near = _nearest(scored, c)
         e_c, e_near = errors[key], errors[ratio_key(near)]
         if not (math.isfinite(d_near) and math.isfinite(e_c) and math.isfinite(e_near)) or e_near <= 0:
             out[key] = math.inf
             continue
-        exponent = 1.0
         pair = _scored_pair(scored, c)
         if pair is not None:
             (s1, d1), (s2, d2) = pair
             e1, e2 = errors[ratio_key(s1)], errors[ratio_key(s2)]
-            if all(math.isfinite(x) and x > 0 for x in (d1, d2, e1, e2)) and e1 != e2:
-                exponent = min(max(math.log(d2 / d1) / math.log(e2 / e1), EXPONENT_BOUNDS[0]), EXPONENT_BOUNDS[1])
-        out[key] = d_near * (e_c / e_near) ** exponent if e_c > 0 else 0.0
+            alpha = (math.log(d2 / d1) / math.log(e2 / e1)
+                     if all(math.isfinite(x) and x > 0 for x in (d1, d2, e1, e2)) and e1 != e2 else math.nan)
+            if alpha > 0:
+                alpha = min(max(alpha, EXPONENT_BOUNDS[0]), EXPONENT_BOUNDS[1])
+                out[key] = d_near * (e_c / e_near) ** alpha
+                continue
+            if s1 < c < s2 and math.isfinite(d1) and math.isfinite(d2):
+                out[key] = d1 + (d2 - d1) * (c - s1) / (s2 - s1)
+                continue
+        scale = e_c / e_near
+        out[key] = d_near * (scale if d_near > 0 else min(1.0, scale))
     return out
 
 
