@@ -461,3 +461,66 @@ def test_scoring_only_the_largest_candidate_extrapolates_the_others(tiny_llama, 
     for bad in ({"scored": "some"}, {"scored": [0.35]}, {"scored": [0.2], "ratios": [0.4, 0.8]}):
         with pytest.raises(ValueError, match="scored|ratios"):
             get_allocator("sensitivity", **bad)
+
+
+def _final_states(model, ids):
+    with torch.no_grad():
+        return [model.model(ids, use_cache=False).last_hidden_state]  # the final norm's output
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_a_sampled_head_is_exact_where_the_tail_is_flat_or_whole(model_name, calib_ids, request):
+    """SampledHead estimates log Z from the head set plus a weighted tail sample. It is exact (to
+    rounding) when the sample is the whole tail (size = vocabulary: every weight is 1), and
+    when every tail logit is equal (all tail rows of the LM head the same vector: any sample of it,
+    weighted by (tail tokens)/(sampled), is the tail's sum). Gemma-3 checks the logit softcap.
+    Both heads round the logits to float32 (as the probes' scoring does), the exact one through
+    cross_entropy and the sampled one through logsumexp: they agree to a few float32 ulps of the
+    loss, hence rel=1e-6 (8 ulps; measured: under 1)."""
+    from ressvd.allocation.sampled_head import SampledHead
+    from ressvd.search.partial_layers import _next_token_nll
+    model = float64_model(request.getfixturevalue(model_name))
+    ids = calib_ids[HELD]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    whole = SampledHead(model, _final_states(model, ids), ids, vocab)
+    assert whole.nll(_final_states(model, ids), ids) == pytest.approx(
+        _next_token_nll(model, _final_states(model, ids), ids), rel=1e-6)
+    size = vocab // 2 + 40  # half the vocabulary by mass (and the targets), then 40 sampled
+    head = SampledHead(model, _final_states(model, ids), ids, size)
+    assert head.rows.numel() == size and head.rows.unique().numel() == size
+    assert set(ids[:, 1:].reshape(-1).tolist()) <= set(head.rows.tolist())
+    exact_rows = head.rows[head.log_weights == 0]
+    with torch.no_grad():  # make every row outside the exact set equal (their mass no longer matters)
+        weight = model.get_output_embeddings().weight
+        tail = torch.ones(vocab, dtype=torch.bool)
+        tail[exact_rows] = False
+        weight[tail] = weight[tail][0]
+    flat = SampledHead(model, _final_states(model, ids), ids, size)
+    flat.rows, flat.log_weights = head.rows, head.log_weights  # the same sets: the tail is now flat
+    flat.weight = weight[head.rows].detach()
+    flat._position = head._position
+    assert flat.nll(_final_states(model, ids), ids) == pytest.approx(
+        _next_token_nll(model, _final_states(model, ids), ids), rel=1e-6)
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        SampledHead(model, _final_states(model, ids), ids, vocab + 1)
+
+
+def test_score_vocab_scores_the_probes_on_part_of_the_head(tiny_llama, calib_ids):
+    """score_vocab below the vocabulary scores the baseline and every probe with the sampled head
+    (the record says how many rows); at or above it, the probes are the exact head's, digit for digit."""
+    vocab = tiny_llama.get_output_embeddings().weight.shape[0]
+    runs = {}
+    for option in ("full", vocab, 200):
+        model = clone(tiny_llama)
+        report = ressvd.compress(model, calibration=calib_ids, ratio=0.3, method="svd-llm", allocation="sensitivity",
+                                 allocation_options={"score_vocab": option}, progress=False)
+        assert_exact_budget(specs(model), report.ranks, 0.3)
+        runs[option] = report
+    assert runs["full"].search["scoring"] == {"vocab_rows": vocab}
+    assert runs[vocab].allocation_details["sensitivity"] == runs["full"].allocation_details["sensitivity"]
+    sampled = runs[200].search["scoring"]
+    assert sampled["vocab_rows"] == 200 and 0 < sampled["head_mass"] <= 1
+    assert runs[200].allocation_details["sensitivity"] != runs["full"].allocation_details["sensitivity"]
+    for bad in (1, 2.5, True, "half"):
+        with pytest.raises(ValueError, match="score_vocab"):
+            get_allocator("sensitivity", score_vocab=bad)

@@ -84,7 +84,11 @@ on a probe's dense prefix ressvd's default residual "same" is SVD-LLM at the sam
 §2.7), and so is svd-llm-update, so they are probed with SVD-LLM, one decomposition per matrix
 instead of two SVDs per probe; "run": the run's method as it is; or a method name, default options,
 for the probes only), scored ("auto", "all", "largest" or a list of candidates: which get a suffix
-pass, above; docs/BENCHMARKS.md, session 12, measures the default against scoring all nine). A refit (--refit) is skipped in the probes when the probe method's left factor
+pass, above; docs/BENCHMARKS.md, session 12, measures the default against scoring all nine),
+score_vocab ("full", or an integer: the LM head of every scored probe and of the dense baseline is
+evaluated on that many vocabulary rows, the dense model's most probable tokens and every held-out
+target exactly and a weighted uniform sample of the rest: sampled_head.SampledHead; a vocabulary no
+larger than it is scored in full). A refit (--refit) is skipped in the probes when the probe method's left factor
 is already its least-squares solution on the probe's inputs (CompressionMethod.refit_is_identity).
 """
 from __future__ import annotations
@@ -234,14 +238,18 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
                         fit_samples: int = 8, progress: bool = True,
                         probe_dtype: str = "float32", held_out_samples: int | None = None,
                         timings: dict | None = None, scored: list[float] | None = None,
-                        errors: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
+                        errors: dict | None = None, score_vocab: int | None = None,
+                        scoring: dict | None = None) -> tuple[float, dict[str, dict[str, float]]]:
     """(dense held-out loss, {unit: {ratio_key(c): Δ loss}}) for every unit and candidate (see the
     module docstring). The model is left as it was. `timings`, when given, receives the seconds the
     probes spent factorising ("factorise", the compression of the probed layer), scoring ("score")
     and measuring the layer's output error ("error"). `scored`: the candidates that get a suffix
     pass (None: all); the others' Δ are extrapolated from the scored ones by the probed
     layer's held-out output error (`extrapolate`). `errors`, when given, receives every probe's
-    output error {unit: {ratio_key(c): e}}."""
+    output error {unit: {ratio_key(c): e}}. `score_vocab`: score the LM head on that many vocabulary
+    rows (sampled_head.SampledHead, the dense baseline included; the whole head when the vocabulary
+    is no larger); None: the whole head. `scoring`, when given, receives the rows scored and the
+    dense probability mass of the sampled head's exact rows."""
     from ..calibration.engine import (CompressionPlan, EngineHooks, LayerInputs, capture_inputs, compress_layerwise,
                                       propagate_dense, streams_needed)
     from ..methods.linalg import DecompositionError
@@ -259,10 +267,20 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
     held_in = capture_inputs(model, adapter, held_ids, quiet)
     device_type = held_in.hidden[0].device.type
 
+    sampled = None
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if score_vocab is not None and score_vocab >= vocab:
+        score_vocab = None  # nothing to save: the exact head
+
     def score(start: int) -> float:
         """Mean held-out NLL with the layers from `start` on run over held_in (in probe_dtype)."""
+        nonlocal sampled
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=probe_dtype == "bfloat16"):
-            return _next_token_nll(model, _final_normed(model, adapter, layers, held_in, start), held_ids)
+            normed = _final_normed(model, adapter, layers, held_in, start)
+            if score_vocab is not None and sampled is None:  # chosen once, from the dense baseline's states
+                from .sampled_head import SampledHead
+                sampled = SampledHead(model, normed, held_ids, score_vocab)
+            return _next_token_nll(model, normed, held_ids) if sampled is None else sampled.nll(normed, held_ids)
 
     base = score(0)
     seconds = {"factorise": 0.0, "error": 0.0, "score": 0.0}  # of the probes, for the run's record
@@ -337,6 +355,9 @@ def measure_sensitivity(model, adapter, calib_ids: torch.Tensor, method, options
         timings.update(seconds)
     if errors is not None:
         errors.update(error_of)
+    if scoring is not None:
+        scoring.update({"vocab_rows": vocab} if sampled is None else
+                       {"vocab_rows": int(sampled.rows.numel()), "head_mass": round(sampled.head_mass, 6)})
     return base, sensitivity
 
 
@@ -572,8 +593,13 @@ class SensitivityAllocation(Allocator):
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
                  held_out_samples: int = 4,
                  groups: bool = False, step: float = 0.01, probe_dtype: str = "auto",
-                 probe_method: str = "auto", scored: Any = "auto"):
+                 probe_method: str = "auto", scored: Any = "auto", score_vocab: Any = "full"):
         self.ratios = _parse_ratios(ratios)
+        if score_vocab in ("full", None):
+            score_vocab = None
+        elif isinstance(score_vocab, bool) or not isinstance(score_vocab, int) or score_vocab < 2:
+            raise ValueError(f"score_vocab must be 'full' or an integer >= 2, got {score_vocab!r}")
+        self.score_vocab = score_vocab
         if scored not in SCORED_CHOICES:
             scored = _parse_ratios(scored)
             if not set(scored) <= set(self.ratios):
@@ -645,17 +671,18 @@ class SensitivityAllocation(Allocator):
         if not scored:
             raise ValueError(f"sensitivity allocation: none of the scored ratios {self.scored} is a candidate "
                              f"kept ({candidates})")
-        errors: dict = {}
+        errors, scoring = {}, {}
         base, sensitivity = measure_sensitivity(context.model, context.adapter, context.calib_ids, probe_method,
                                                 context.options, matrices, candidates, self.groups, self.holdout,
                                                 self.fit_samples, context.progress, probe_dtype,
                                                 held_out_samples=self.held_out_samples, timings=timings,
-                                                scored=scored, errors=errors)
+                                                scored=scored, errors=errors, score_vocab=self.score_vocab,
+                                                scoring=scoring)
         fit_ids, held_ids = split_calibration(context.calib_ids, self.holdout, self.fit_samples,
                                               self.held_out_samples)
         search = {"criterion": "loss", "probe_dtype": probe_dtype, "probe_method": probe_method.name,
                   "probes": len(sensitivity) * len(candidates), "scored": scored,
-                  "output_errors": errors, "fit_sequences": len(fit_ids),
+                  "output_errors": errors, "scoring": scoring, "fit_sequences": len(fit_ids),
                   "held_out_sequences": len(held_ids), "seconds": time.perf_counter() - start,
                   "probe_seconds": {k: round(v, 3) for k, v in timings.items()}}
         return base, sensitivity, search
