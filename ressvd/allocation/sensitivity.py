@@ -85,11 +85,12 @@ on a probe's dense prefix ressvd's default residual "same" is SVD-LLM at the sam
 instead of two SVDs per probe; "run": the run's method as it is; or a method name, default options,
 for the probes only), scored ("auto", "all", "largest" or a list of candidates: which get a suffix
 pass, above; docs/BENCHMARKS.md, session 12, measures the default against scoring all nine),
-score_vocab ("full", or an integer: the LM head of every scored probe and of the dense baseline is
-evaluated on that many vocabulary rows, the dense model's most probable tokens and every held-out
-target exactly and a weighted uniform sample of the rest: sampled_head.SampledHead; a vocabulary no
-larger than it is scored in full). A refit (--refit) is skipped in the probes when the probe method's left factor
-is already its least-squares solution on the probe's inputs (CompressionMethod.refit_is_identity).
+score_vocab ("full", or an integer, default DEFAULT_SCORE_VOCAB = 8192: the LM head of every
+scored probe and of the dense baseline is evaluated on that many vocabulary rows, the dense model's
+most probable tokens and every held-out target exactly and a weighted uniform sample of the rest:
+sampled_head.SampledHead; a vocabulary no larger than it is scored in full). A refit (--refit) is
+skipped in the probes when the probe method's left factor is already its least-squares solution
+on the probe's inputs (CompressionMethod.refit_is_identity).
 """
 from __future__ import annotations
 
@@ -123,6 +124,10 @@ PROBE_METHOD_CHOICES = ("auto", "run")
 # candidate when there are at most two), every candidate ("all"), or only the largest one; the
 # unscored ones are extrapolated by the layer's output error
 SCORED_CHOICES = ("auto", "all", "largest")
+# score_vocab default: the probes' LM head on 8192 vocabulary rows. On SmolLM2 (49k) and Gemma-3
+# (262k) at 0.2 and 0.4 it chose the same allocation as the full head (scored Δs within 5 %), with
+# 2.2x (SmolLM2) and 7x (Gemma) cheaper scoring (docs/BENCHMARKS.md, session 13)
+DEFAULT_SCORE_VOCAB = 8192
 
 
 def scored_candidates(candidates: list[float], scored: Any) -> list[float]:
@@ -593,7 +598,7 @@ class SensitivityAllocation(Allocator):
     def __init__(self, ratios: Any = DEFAULT_RATIOS, holdout: float = 0.25, fit_samples: int = 8,
                  held_out_samples: int = 4,
                  groups: bool = False, step: float = 0.01, probe_dtype: str = "auto",
-                 probe_method: str = "auto", scored: Any = "auto", score_vocab: Any = "full"):
+                 probe_method: str = "auto", scored: Any = "auto", score_vocab: Any = DEFAULT_SCORE_VOCAB):
         self.ratios = _parse_ratios(ratios)
         if score_vocab in ("full", None):
             score_vocab = None
