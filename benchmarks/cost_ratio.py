@@ -1,6 +1,6 @@
 """Wall time of `ressvd compress` with one method against another, in one run (issue 16's cost target).
 
-Runs the two commands alternately, `--repeats` times each (A B A B ...), each a fresh process from
+Runs the two commands alternately, `--repeats` times each (A B A B ...: A always first in a pair), each a fresh process from
 start to saved checkpoint, with `--profile none` on both so that neither reuses cached calibration
 statistics, and prints every time, the median of each and the ratio of the medians, plus the ratio
 within each adjacent pair (this CPU's speed drifts by up to ~25 % over a session, so adjacent
@@ -25,7 +25,9 @@ def timed(model: str, ratio: float, flags: str, out: Path) -> float:
     command = [sys.executable, "-m", "ressvd.cli", "compress", model, "--ratio", str(ratio), "--out", str(out),
                "--profile", "none", "--restart", *shlex.split(flags)]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{shlex.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 

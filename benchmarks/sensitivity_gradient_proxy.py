@@ -111,7 +111,11 @@ def record_proxies(model_name: str, ratio: float, nsamples: int) -> dict:
                                  calibration=CalibrationSpec("c4", nsamples, 512, 0), progress=True)
     finally:
         S.measure_sensitivity, S._output_error = measure, output_error
-    return {"model": model_name, "sensitivity": report.allocation_details["sensitivity"],
+    measured = report.allocation_details["sensitivity"]
+    if any(not math.isfinite(v) for row in measured.values() for v in row.values()):
+        # a failed probe skips the error pass, and the candidates counted per layer would shift
+        raise RuntimeError("a probe failed to factorise: its proxies cannot be matched to candidates")
+    return {"model": model_name, "sensitivity": measured,
             "errors": report.search["output_errors"], "proxy": state["proxy"],
             "gradient_seconds": state["gradient_seconds"], "probe_seconds": report.search["probe_seconds"]}
 

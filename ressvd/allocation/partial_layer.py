@@ -31,8 +31,9 @@ from .sensitivity import interpolate
 SEARCHES = ("grid", "predicted")
 
 
-# The predicted search's profile defaults (module docstring), under any sensitivity_options given
-PREDICTED_PROFILE = {"ratios": (0.2, 0.4, 0.6, 0.8), "scored": "all"}
+# The predicted search's profile defaults (module docstring), under any sensitivity_options given:
+# the probes it was measured with (sessions 10-12), the exact LM head included
+PREDICTED_PROFILE = {"ratios": (0.2, 0.4, 0.6, 0.8), "scored": "all", "score_vocab": "full"}
 
 
 def predicted_losses(sensitivity: dict[str, dict[str, float]], num_layers: int, ratio: float,

@@ -6,8 +6,9 @@ product is most of a suffix pass (Gemma-3's 262k rows: about 2.3 s of a 3.0 s de
 a CPU). The mean NLL needs, per position, the target's logit and log Z = logsumexp over the whole
 vocabulary. The target's logit needs one row; log Z is dominated by the few tokens that carry the
 probability mass. So the head is evaluated on
-- a "head" set: the `size // 2` tokens with the most dense-model probability mass summed over the
-  held-out positions, plus every held-out target token (so the target's logit is exact);
+- a "head" set of `size // 2` rows (more if the targets need them): every held-out target token
+  (so the target's logit is exact), then the tokens with the most dense-model probability mass
+  summed over the held-out positions;
 - a "tail" sample: the rest of `size` drawn uniformly (fixed seed) from the other tokens, each
   standing for (other tokens)/(sampled) of them, an unbiased estimate of the tail's Σ exp(z).
 log Z ≈ logsumexp(z_head ∪ z_tail + log w), w = 1 on the head set. The dense baseline and every probe
@@ -49,11 +50,14 @@ class SampledHead:
                     mass += torch.softmax(logits[:-1], dim=-1).sum(0).double()
         keep = torch.zeros(vocab, dtype=torch.bool, device=device)
         keep[ids[:, 1:].reshape(-1).to(device)] = True  # every target's logit is exact
+        if int(keep.sum()) > size:
+            raise ValueError(f"score_vocab {size} is smaller than the {int(keep.sum())} distinct held-out targets: "
+                             f"raise it (or score_vocab=full)")
         top = torch.argsort(mass, descending=True)
         need = max(size // 2 - int(keep.sum()), 0)
         keep[top[~keep[top]][:need]] = True
         rest = torch.nonzero(~keep).flatten()
-        tail_size = size - int(keep.sum())
+        tail_size = min(size - int(keep.sum()), rest.numel())
         if tail_size < 1 and rest.numel():
             raise ValueError(f"score_vocab {size} leaves no room for the tail sample next to the "
                              f"{int(keep.sum())} held-out targets and top tokens: raise it")
@@ -61,7 +65,8 @@ class SampledHead:
         tail = rest[torch.randperm(rest.numel(), generator=generator)[:tail_size].to(device)]
         self.rows = torch.cat([torch.nonzero(keep).flatten(), tail])
         self.log_weights = torch.cat([torch.zeros(int(keep.sum()), device=device),
-                                      torch.full((tail_size,), math.log(rest.numel() / tail_size), device=device)])
+                                      torch.full((tail_size,), math.log(rest.numel() / max(tail_size, 1)),
+                                                 device=device)])
         position = torch.full((vocab,), -1, dtype=torch.long, device=device)
         position[self.rows] = torch.arange(self.rows.numel(), device=device)
         self._position = position  # vocabulary id -> column of the sub-head
@@ -79,6 +84,8 @@ class SampledHead:
                                                     self.bias).float()
                 logits = _softcapped(self._model, logits)[:-1]
                 columns = self._position[ids[row, 1:].to(self.weight.device)]
+                if bool((columns < 0).any()):
+                    raise ValueError("SampledHead.nll: a target outside the rows chosen; score the ids it was built on")
                 log_z = torch.logsumexp(logits + self.log_weights, dim=-1)
                 total += float((log_z - logits.gather(1, columns[:, None])[:, 0]).sum())
                 count += columns.numel()

@@ -124,9 +124,10 @@ PROBE_METHOD_CHOICES = ("auto", "run")
 # candidate when there are at most two), every candidate ("all"), or only the largest one; the
 # unscored ones are extrapolated by the layer's output error
 SCORED_CHOICES = ("auto", "all", "largest")
-# score_vocab default: the probes' LM head on 8192 vocabulary rows. On SmolLM2 (49k) and Gemma-3
-# (262k) at 0.2 and 0.4 it chose the same allocation as the full head (scored Δs within 5 %), with
-# 2.2x (SmolLM2) and 7x (Gemma) cheaper scoring (docs/BENCHMARKS.md, session 13)
+# score_vocab default: the probes' LM head on 8192 vocabulary rows. It chose the same allocation as
+# the full head at 0.2 on SmolLM2 (49k) and Gemma-3 (262k) and at 0.4 on Gemma (scored Δs within
+# 5 %); at 0.4 on SmolLM2 the allocation moved, 1.6 % worse on C4 val. Scoring is 2.2x (SmolLM2)
+# and 7x (Gemma) cheaper (docs/BENCHMARKS.md, session 13)
 DEFAULT_SCORE_VOCAB = 8192
 
 
