@@ -525,6 +525,12 @@ def test_score_vocab_scores_the_probes_on_part_of_the_head(tiny_llama, calib_ids
     assert runs[vocab].allocation_details["sensitivity"] == runs["full"].allocation_details["sensitivity"]
     sampled = runs[200].search["scoring"]
     assert sampled["vocab_rows"] == 200 and 0 < sampled["head_mass"] <= 1
+    # the report's heatmap title marks the sampled dense loss as an estimate, and only that one
+    from ressvd.report.plots import sensitivity_title
+    assert runs[200].allocation_details["base_loss_head"] == "sampled"
+    assert runs["full"].allocation_details["base_loss_head"] == runs[vocab].allocation_details["base_loss_head"] == "exact"
+    titles = {k: sensitivity_title({"allocation_details": r.allocation_details}) for k, r in runs.items()}
+    assert "sampled head" in titles[200] and "sampled" not in titles["full"] and "sampled" not in titles[vocab]
     assert runs[200].allocation_details["sensitivity"] != runs["full"].allocation_details["sensitivity"]
     # an estimate, not the exact Δs: the most and least sensitive probes keep their order
     exact, estimated = runs["full"].allocation_details["sensitivity"], runs[200].allocation_details["sensitivity"]

@@ -709,6 +709,8 @@ class SensitivityAllocation(Allocator):
             rounded[unit] += (m.dense_params - m.params_at(ranks[m.name])) / sizes[unit]
         details = {
             "sensitivity": sensitivity, "ratios": chosen, "base_loss": base,
+            # the dense baseline is scored like the probes: on a sampled LM head unless score_vocab=full
+            "base_loss_head": "sampled" if "head_mass" in search["scoring"] else "exact",
             "predicted_delta": sum(interpolate(sensitivity[u], r) for u, r in chosen.items()),
             "rounded_ratios": rounded, "candidates": sorted({float(c) for row in sensitivity.values() for c in row}),
             "units": "groups" if self.groups else "layers",

@@ -243,6 +243,18 @@ def _unit_order(unit: str) -> tuple:
     return (int(layer), part) if layer.isdigit() else (10**9, str(unit))
 
 
+def sensitivity_title(record: dict) -> str:
+    """The heatmap's title: the run and the dense held-out loss, marked as an estimate when the
+    probes scored a sampled LM head (sensitivity's score_vocab; the Δs are then estimates too)."""
+    details = record.get("allocation_details") or {}
+    base = details.get("base_loss")
+    dense = ""
+    if isinstance(base, (int, float)):
+        dense = (f", dense ≈{base:.3f} (sampled head)" if details.get("base_loss_head") == "sampled"
+                 else f", dense {base:.3f}")
+    return f"{record.get('name', '')}: held-out Δ loss ({record.get('method')} @ {record.get('ratio')}{dense})"
+
+
 def plot_sensitivity(record: dict, out: Path) -> Path | None:
     """The sensitivity allocation's measurements (allocation_details["sensitivity"]): units (layers,
     or layer parts) down, candidate ratios across, with ratio 0 (dense, Δ = 0) first; colour = the
@@ -302,9 +314,7 @@ def plot_sensitivity(record: dict, out: Path) -> Path | None:
     ax.set_yticks(range(len(units)), labels, fontsize=6.5)
     ax.set_xlabel("ratio of the unit alone (0: dense)", fontsize=8)
     ax.set_ylabel("unit → chosen ratio", fontsize=8)
-    base = details.get("base_loss")
-    ax.set_title(f"{record.get('name', '')}: held-out Δ loss ({record.get('method')} @ {record.get('ratio')}"
-                 + (f", dense {base:.3f}" if isinstance(base, (int, float)) else "") + ")", fontsize=8)
+    ax.set_title(sensitivity_title(record), fontsize=8)
     top = max(-low, high)
     powers = [10.0 ** k for k in range(math.ceil(math.log10(3 * norm.linthresh)), math.floor(math.log10(top)) + 1)]
     ticks = sorted({0.0, *powers, *([-p for p in powers] if low < 0 else [])})
