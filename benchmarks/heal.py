@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--start", default="ressvd-k29", choices=sorted(STARTS))
     parser.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
                         help="added to the start's allocation options (the row's start name records it)")
+    parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="added to the start's method options (e.g. output=fisher; the row's start name records it)")
     parser.add_argument("--refit", choices=("compressed", "anchored"), help="add a refit to the start")
     parser.add_argument("--rows", default="none,local,distill,local+distill")
     parser.add_argument("--distill-tokens", type=int, default=50_000)
@@ -103,6 +105,10 @@ def main() -> None:
 
     start_name = args.start
     base_settings = dict(STARTS[args.start])
+    if args.method_option:
+        base_settings["method_options"] = {**base_settings.get("method_options", {}),
+                                           **parse_options(args.method_option)}
+        start_name += "+" + ",".join(args.method_option)
     if args.allocation_option:
         base_settings["allocation_options"] = {**base_settings.get("allocation_options", {}),
                                                **parse_options(args.allocation_option)}

@@ -13,6 +13,9 @@ Stage 2 modes (`residual`):
   `ridge` > 0 adds ridge·mean(diag X~X~^T)·||R2||_F² to the objective. Then S~ S~^T = X~ X~^T + λI and
   R2 = trunc_r2((W C − W1 X~X~^T) S~^-T) S~^-1: directions in which the calibration inputs barely
   vary no longer get coefficients of size 1/sqrt(eigenvalue).
+
+Option output="fisher" (with residual "same") weighs the outputs by the LM-loss gradients as in
+svd-llm (output_fisher.py); the sensitivity probes share the prepared weighting.
 """
 from __future__ import annotations
 
@@ -49,7 +52,12 @@ class ResSVD(CompressionMethod):
     # PPL; docs/BENCHMARKS.md, ResSVD ablation): "error-controlled" breaks the model (19,338 against
     # 233 at 0.2, uniform; 1,656 with ridge 0.1); "plain" won at 0.2 with PLC (147 against 158, where
     # the search also chose another k) and lost at 0.4 with the same k (442 against 413).
-    def __init__(self, residual: str = "same", beta: float = 0.05, ridge: float = 0.0):
+    def __init__(self, residual: str = "same", beta: float = 0.05, ridge: float = 0.0, output: str = "none",
+                 output_power: float = 0.5, output_ridge: float = 1e-3):
+        from .svd_llm import output_weighting
+        self.output_fisher = output_weighting(output, output_power, output_ridge)
+        if self.output_fisher is not None and residual != "same":
+            raise ValueError(f"output=fisher works with residual 'same' only, got {residual!r}")
         if residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
         if not 0 <= beta < 1:
@@ -68,13 +76,30 @@ class ResSVD(CompressionMethod):
         if self.residual != "same":
             return self
         from .svd_llm import SVDLLM
-        return SVDLLM()
+        equivalent = SVDLLM()
+        if self.output_fisher is not None:  # the same prepared output Fisher, shared
+            equivalent.output_fisher, equivalent.refit_is_identity = self.output_fisher, False
+        return equivalent
+
+    def prepare(self, model, adapter, calib_ids, device) -> None:
+        if self.output_fisher is not None:
+            self.output_fisher.prepare(model, adapter, calib_ids, device)
+
+    @property
+    def whole_model_reason(self) -> str | None:
+        return None if self.output_fisher is None else f"method {self.name!r} with output=fisher prepares on the whole model"
 
     def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         m, n = weight.shape
         r2 = residual_rank(m, n, rank, self.beta)
         r1 = rank - r2
         white = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
+        if self.output_fisher is not None:
+            # "same" in the output-weighted coordinates is, as without them, the rank-r truncation
+            from .svd_llm import whitened_spectrum
+            factors = whitened_spectrum(weight, white, self.output_fisher, name).factors(rank)
+            factors.info.update(r1=r1, r2=r2, residual=self.residual)
+            return factors
         A1, B1_white, _ = truncated_svd_factors(weight @ white.S, r1)
         B1 = right_divide_lower(B1_white, white.S)
         info = {"shift": white.shift, "r1": r1, "r2": r2, "residual": self.residual}

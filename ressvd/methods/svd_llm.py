@@ -1,22 +1,56 @@
 """SVD-LLM whitening (methods.md §2.4): truncate W·S with S = chol(XX^T), then fold S^-1 into B.
 
 The result is the exact minimiser of ||(W - W')X||_F at rank r, and that loss equals the root of
-the sum of the dropped squared singular values of W·S.
+the sum of the dropped squared singular values of W·S. Option output="fisher" weighs the output
+side too (output_fisher.py): the truncation of Lᵀ·W·S.
 """
 import torch
 
 from .base import CompressionMethod, Spectrum, register_method
 from .linalg import cholesky_whitening, right_divide_lower, svd
+from .output_fisher import OUTPUT_MODES, OutputFisher
 
 
 @register_method
 class SVDLLM(CompressionMethod):
     name = "svd-llm"
     refit_is_identity = True  # exact when no diagonal shift was needed (then H is only nearly XXᵀ)
-    summary = "SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024)"
+    summary = ("SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024); "
+               "output=fisher also weighs the outputs by the LM-loss gradients (K-FAC)")
+
+    def __init__(self, output: str = "none", output_power: float = 0.5, output_ridge: float = 1e-3):
+        self.output_fisher = output_weighting(output, output_power, output_ridge)
+        if self.output_fisher is not None:
+            self.refit_is_identity = False  # the factors minimise the output-weighted objective
+
+    def prepare(self, model, adapter, calib_ids, device) -> None:
+        if self.output_fisher is not None:
+            self.output_fisher.prepare(model, adapter, calib_ids, device)
+
+    @property
+    def whole_model_reason(self) -> str | None:
+        return None if self.output_fisher is None else f"method {self.name!r} with output=fisher prepares on the whole model"
 
     def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:
         whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
+        return whitened_spectrum(weight, whitening, self.output_fisher, name)
+
+
+def output_weighting(output: str, power: float, ridge: float) -> OutputFisher | None:
+    """The method options' output side: None for "none", else an OutputFisher to prepare."""
+    if output not in OUTPUT_MODES:
+        raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
+    return OutputFisher(power, ridge) if output == "fisher" else None
+
+
+def whitened_spectrum(weight: torch.Tensor, whitening, output_fisher: OutputFisher | None, name: str) -> Spectrum:
+    """SVD of W·S, or of Lᵀ·W·S with the output Fisher (its left vectors mapped back by L⁻ᵀ)."""
+    if output_fisher is None:
         U, sigma, Vh = svd(weight @ whitening.S)
-        return Spectrum(U, sigma, Vh, lambda B_white: right_divide_lower(B_white, whitening.S),
-                        {"shift": whitening.shift})
+        info = {"shift": whitening.shift}
+    else:
+        T = output_fisher.factor(name, weight.device)
+        U, sigma, Vh = svd(T @ weight @ whitening.S)
+        U = output_fisher.unweigh(T, U)
+        info = {"shift": whitening.shift, "output": "fisher"}
+    return Spectrum(U, sigma, Vh, lambda B_white: right_divide_lower(B_white, whitening.S), info)
