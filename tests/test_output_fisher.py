@@ -28,6 +28,7 @@ def test_the_truncation_loss_is_the_dropped_singular_values_and_beats_svd_llm(po
     fisher.grams = {"w": G}
     white = cholesky_whitening(X @ X.T)
     T = fisher.factor("w", W.device)
+    assert fisher.factor("w", W.device) is T and not fisher.grams  # computed once, G released
     spec = whitened_spectrum(W, white, fisher, "w")
     plain = whitened_spectrum(W, white, None, "w")
     for rank in (1, 4, 8):

@@ -89,12 +89,18 @@ class OutputFisher:
             raise ValueError(f"output_batch_size must be >= 1, got {batch_size}")
         self.power, self.ridge, self.batch_size = float(power), float(ridge), int(batch_size)
         self.grams: dict[str, torch.Tensor] = {}
+        # Lᵀ per module, computed once: the sensitivity probes and the final compression both ask
+        # (each is an eigendecomposition when power != 1); it replaces the module's G
+        self._factors: dict[str, torch.Tensor] = {}
 
     def prepare(self, model, adapter, calib_ids: torch.Tensor, device) -> None:
         self.grams = output_gradient_grams(model, adapter, calib_ids, device, self.batch_size)
+        self._factors = {}
 
     def factor(self, name: str, device) -> torch.Tensor:
         """Lᵀ (upper triangular, float64) for the module `name`."""
+        if name in self._factors:
+            return self._factors[name].to(device)
         if name not in self.grams:
             raise DecompositionError(f"no output Fisher for {name!r}: the method's prepare() must run first")
         G = self.grams[name].to(device=device, dtype=torch.float64)
@@ -108,7 +114,9 @@ class OutputFisher:
         L, info = torch.linalg.cholesky_ex(G)
         if int(info):
             raise DecompositionError(f"the output Fisher of {name!r} is not positive definite")
-        return L.T
+        T = self._factors[name] = L.T
+        del self.grams[name]
+        return T
 
     @staticmethod
     def unweigh(T: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
