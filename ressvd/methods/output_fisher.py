@@ -122,3 +122,20 @@ class OutputFisher:
     def unweigh(T: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """L⁻ᵀ U, by a triangular solve with T = Lᵀ."""
         return torch.linalg.solve_triangular(T, U, upper=True)
+
+
+class OutputWeighted:
+    """Mixin for a method with the `output` option: its `output_fisher` (None for "none") is
+    prepared on the whole model before the layer loop, and only then keeps the model whole."""
+    output_fisher: OutputFisher | None = None
+    name: str
+
+    def prepare(self, model, adapter, calib_ids: torch.Tensor, device) -> None:
+        if self.output_fisher is not None:
+            self.output_fisher.prepare(model, adapter, calib_ids, device)
+
+    @property
+    def whole_model_reason(self) -> str | None:
+        if self.output_fisher is None:
+            return None
+        return f"method {self.name!r} with output=fisher prepares on the whole model"

@@ -25,6 +25,7 @@ import torch
 
 from .base import CompressionMethod, Factors, register_method
 from .linalg import cholesky_whitening, right_divide_lower, truncated_svd_factors
+from .output_fisher import OutputWeighted
 
 RESIDUAL_MODES = ("same", "plain", "error-controlled")
 
@@ -36,7 +37,7 @@ def residual_rank(out_features: int, in_features: int, rank: int, beta: float) -
 
 
 @register_method
-class ResSVD(CompressionMethod):
+class ResSVD(OutputWeighted, CompressionMethod):
     name = "ressvd"
     summary = ("ResSVD/ERC-SVD residual compensation: whitened rank-r1 truncation plus a rank-r2 "
                "residual stage (--residual same|plain|error-controlled), compressed-prefix statistics, "
@@ -80,14 +81,6 @@ class ResSVD(CompressionMethod):
         if self.output_fisher is not None:  # the same prepared output Fisher, shared
             equivalent.output_fisher, equivalent.refit_is_identity = self.output_fisher, False
         return equivalent
-
-    def prepare(self, model, adapter, calib_ids, device) -> None:
-        if self.output_fisher is not None:
-            self.output_fisher.prepare(model, adapter, calib_ids, device)
-
-    @property
-    def whole_model_reason(self) -> str | None:
-        return None if self.output_fisher is None else f"method {self.name!r} with output=fisher prepares on the whole model"
 
     def factorize(self, weight: torch.Tensor, rank: int, stats, name: str = "") -> Factors:
         m, n = weight.shape

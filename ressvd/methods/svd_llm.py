@@ -8,11 +8,11 @@ import torch
 
 from .base import CompressionMethod, Spectrum, register_method
 from .linalg import cholesky_whitening, right_divide_lower, svd
-from .output_fisher import OUTPUT_MODES, OutputFisher
+from .output_fisher import OUTPUT_MODES, OutputFisher, OutputWeighted
 
 
 @register_method
-class SVDLLM(CompressionMethod):
+class SVDLLM(OutputWeighted, CompressionMethod):
     name = "svd-llm"
     refit_is_identity = True  # exact when no diagonal shift was needed (then H is only nearly XXᵀ)
     summary = ("SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024); "
@@ -22,14 +22,6 @@ class SVDLLM(CompressionMethod):
         self.output_fisher = output_weighting(output, output_power, output_ridge)
         if self.output_fisher is not None:
             self.refit_is_identity = False  # the factors minimise the output-weighted objective
-
-    def prepare(self, model, adapter, calib_ids, device) -> None:
-        if self.output_fisher is not None:
-            self.output_fisher.prepare(model, adapter, calib_ids, device)
-
-    @property
-    def whole_model_reason(self) -> str | None:
-        return None if self.output_fisher is None else f"method {self.name!r} with output=fisher prepares on the whole model"
 
     def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:
         whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
