@@ -77,8 +77,8 @@ def output_gradient_grams(model, adapter, calib_ids: torch.Tensor, device=None, 
 
 
 class OutputFisher:
-    """The output-side factor of one run: prepare() measures G for every decoder linear, and
-    weigh/unweigh apply Lᵀ and L⁻ᵀ (L L ᵀ = G^power + ridge·mean(diag)·I) to a left side."""
+    """The output-side factor of one run: prepare() measures G for every decoder linear, factor()
+    gives Lᵀ (L Lᵀ = G^power + ridge·mean(diag)·I) and unweigh() applies L⁻ᵀ to a left side."""
 
     def __init__(self, power: float = 0.5, ridge: float = 1e-3, batch_size: int = 1):
         if not 0 < float(power) <= 1:
@@ -86,7 +86,7 @@ class OutputFisher:
         if not 0 < float(ridge):
             raise ValueError(f"output_ridge must be > 0 (a fraction of the mean diagonal), got {ridge}")
         if int(batch_size) < 1:
-            raise ValueError(f"output_batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.power, self.ridge, self.batch_size = float(power), float(ridge), int(batch_size)
         self.grams: dict[str, torch.Tensor] = {}
         # Lᵀ per module, computed once: the sensitivity probes and the final compression both ask
