@@ -42,6 +42,29 @@ def cholesky_whitening(H: torch.Tensor, relative_shift: float = 1e-6, max_tries:
     raise DecompositionError(f"Cholesky failed even after a diagonal shift of {shift:.3g}")
 
 
+def check_shrink(shrink: float) -> float:
+    """The whitening methods' `shrink` option: a fraction in [0, 1)."""
+    shrink = float(shrink)
+    if not 0 <= shrink < 1:
+        raise ValueError(f"shrink must lie in [0, 1) (the weight of diag(XXᵀ) in the Gram), got {shrink}")
+    return shrink
+
+
+def shrunk_whitening(H: torch.Tensor, shrink: float = 0.0) -> Whitening:
+    """Cholesky whitening of (1 − shrink)·H + shrink·diag(H) (fp64).
+
+    A few thousand calibration tokens give a noisy estimate of XXᵀ; SVD-LLM then fits directions
+    the calibration text happened to excite and trusts their off-diagonal structure too much.
+    Shrinking towards the diagonal (Ledoit–Wolf's target for a covariance) keeps each channel's
+    energy and tempers the correlations. The factors are then the exact rank-r minimiser of
+    ||(W − W′)·S_shrunk||_F, not of ||(W − W′)·X||_F. shrink = 0 is H unchanged.
+    """
+    if not shrink:
+        return cholesky_whitening(H)
+    H = H.to(torch.float64)
+    return cholesky_whitening((1 - shrink) * H + shrink * torch.diag(H.diagonal()))
+
+
 def floored_scales(values: torch.Tensor, alpha: float, floor: float, what: str) -> tuple[torch.Tensor, int]:
     """values^alpha per channel with the zeros lifted to floor·max (ASVD's activation means, FWSVD's
     Fisher sums): a zero scale would make the scaled SVD singular. Returns (scales, how many were floored)."""

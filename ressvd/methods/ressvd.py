@@ -15,7 +15,8 @@ Stage 2 modes (`residual`):
   vary no longer get coefficients of size 1/sqrt(eigenvalue).
 
 Option output="fisher" (with residual "same") weighs the outputs by the LM-loss gradients as in
-svd-llm (output_fisher.py); the sensitivity probes share the prepared weighting.
+svd-llm (output_fisher.py); the sensitivity probes share the prepared weighting. Option shrink=α
+shrinks the Gram of stage 1 and of the "same" residual towards its diagonal, as svd-llm's does.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import math
 import torch
 
 from .base import CompressionMethod, Factors, register_method
-from .linalg import cholesky_whitening, right_divide_lower, truncated_svd_factors
+from .linalg import check_shrink, cholesky_whitening, right_divide_lower, truncated_svd_factors
 from .output_fisher import OutputWeighted
 
 RESIDUAL_MODES = ("same", "plain", "error-controlled")
@@ -54,9 +55,10 @@ class ResSVD(OutputWeighted, CompressionMethod):
     # 233 at 0.2, uniform; 1,656 with ridge 0.1); "plain" won at 0.2 with PLC (147 against 158, where
     # the search also chose another k) and lost at 0.4 with the same k (442 against 413).
     def __init__(self, residual: str = "same", beta: float = 0.05, ridge: float = 0.0, output: str = "none",
-                 output_power: float = 0.5, output_ridge: float = 1e-3):
+                 output_power: float = 0.5, output_ridge: float = 1e-3, shrink: float = 0.0):
         from .svd_llm import output_weighting
         self.output_fisher = output_weighting(output, output_power, output_ridge)
+        self.shrink = check_shrink(shrink)
         if self.output_fisher is not None and residual != "same":
             raise ValueError(f"output=fisher works with residual 'same' only, got {residual!r}")
         if residual not in RESIDUAL_MODES:
@@ -77,7 +79,7 @@ class ResSVD(OutputWeighted, CompressionMethod):
         if self.residual != "same":
             return self
         from .svd_llm import SVDLLM
-        equivalent = SVDLLM()
+        equivalent = SVDLLM(shrink=self.shrink)
         if self.output_fisher is not None:  # the same prepared output Fisher, shared
             equivalent.output_fisher, equivalent.refit_is_identity = self.output_fisher, False
         return equivalent
@@ -86,7 +88,8 @@ class ResSVD(OutputWeighted, CompressionMethod):
         m, n = weight.shape
         r2 = residual_rank(m, n, rank, self.beta)
         r1 = rank - r2
-        white = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
+        from .svd_llm import primary_whitening
+        white = primary_whitening(stats, self.shrink)
         if self.output_fisher is not None:
             # "same" in the output-weighted coordinates is, as without them, the rank-r truncation
             from .svd_llm import whitened_spectrum

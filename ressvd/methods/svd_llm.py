@@ -2,12 +2,13 @@
 
 The result is the exact minimiser of ||(W - W')X||_F at rank r, and that loss equals the root of
 the sum of the dropped squared singular values of W·S. Option output="fisher" weighs the output
-side too (output_fisher.py): the truncation of Lᵀ·W·S.
+side too (output_fisher.py): the truncation of Lᵀ·W·S. Option shrink=α whitens
+(1 − α)·XXᵀ + α·diag(XXᵀ) instead (linalg.shrunk_whitening): a noisy 16-sequence Gram tempered.
 """
 import torch
 
 from .base import CompressionMethod, Spectrum, register_method
-from .linalg import cholesky_whitening, right_divide_lower, svd
+from .linalg import check_shrink, right_divide_lower, shrunk_whitening, svd
 from .output_fisher import OUTPUT_MODES, OutputFisher, OutputWeighted
 
 
@@ -18,14 +19,22 @@ class SVDLLM(OutputWeighted, CompressionMethod):
     summary = ("SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024); "
                "output=fisher also weighs the outputs by the LM-loss gradients (K-FAC)")
 
-    def __init__(self, output: str = "none", output_power: float = 0.5, output_ridge: float = 1e-3):
+    def __init__(self, output: str = "none", output_power: float = 0.5, output_ridge: float = 1e-3,
+                 shrink: float = 0.0):
         self.output_fisher = output_weighting(output, output_power, output_ridge)
-        if self.output_fisher is not None:
-            self.refit_is_identity = False  # the factors minimise the output-weighted objective
+        self.shrink = check_shrink(shrink)
+        if self.output_fisher is not None or self.shrink:
+            # the factors minimise an output-weighted or shrunk objective, not ||(W − W′)X|| itself
+            self.refit_is_identity = False
 
     def spectrum(self, weight: torch.Tensor, stats, name: str = "") -> Spectrum:
-        whitening = stats.cached("cholesky", lambda: cholesky_whitening(stats.primary.gram))
-        return whitened_spectrum(weight, whitening, self.output_fisher, name)
+        return whitened_spectrum(weight, primary_whitening(stats, self.shrink), self.output_fisher, name)
+
+
+def primary_whitening(stats, shrink: float):
+    """The Cholesky whitening of the primary stream's Gram, shrunk by `shrink`, shared by a group's linears."""
+    key = f"cholesky shrink={shrink}" if shrink else "cholesky"
+    return stats.cached(key, lambda: shrunk_whitening(stats.primary.gram, shrink))
 
 
 def output_weighting(output: str, power: float, ridge: float) -> OutputFisher | None:
