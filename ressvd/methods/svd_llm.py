@@ -17,7 +17,8 @@ class SVDLLM(OutputWeighted, CompressionMethod):
     name = "svd-llm"
     refit_is_identity = True  # exact when no diagonal shift was needed (then H is only nearly XXᵀ)
     summary = ("SVD-LLM truncation-aware whitening: SVD of W·chol(XXᵀ) (Wang et al. 2024); "
-               "output=fisher also weighs the outputs by the LM-loss gradients (K-FAC)")
+               "output=fisher also weighs the outputs by the LM-loss gradients (K-FAC); "
+               "shrink=α whitens a Gram shrunk towards its diagonal")
 
     def __init__(self, output: str = "none", output_power: float = 0.5, output_ridge: float = 1e-3,
                  shrink: float = 0.0):
