@@ -55,8 +55,8 @@ def shrunk_whitening(H: torch.Tensor, shrink: float = 0.0) -> Whitening:
 
     A few thousand calibration tokens give a noisy estimate of XXᵀ; SVD-LLM then fits directions
     the calibration text happened to excite and trusts their off-diagonal structure too much.
-    Shrinking towards the diagonal (Ledoit–Wolf's target for a covariance) keeps each channel's
-    energy and tempers the correlations. The factors are then the exact rank-r minimiser of
+    Shrinking towards the diagonal (the target of Schäfer and Strimmer's covariance shrinkage)
+    keeps each channel's energy and tempers the correlations. The factors are then the exact rank-r minimiser of
     ||(W − W′)·S_shrunk||_F, not of ||(W − W′)·X||_F. shrink = 0 is H unchanged.
     """
     if not shrink:
